@@ -1,0 +1,1 @@
+"""Criteo-shaped data: schema, synthetic generator, parquet loader."""
