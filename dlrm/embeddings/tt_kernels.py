@@ -1,0 +1,395 @@
+"""Tensor-train (TT-Rec) embedding math in plain PyTorch: shapes, init, lookup forward/backward.
+
+A table of `rows` x `dim` is stored as `d` cores; core k has shape `[p_k, r_{k-1}, q_k, r_k]`
+(r_0 = r_d = 1) so that one digit's slice is a contiguous `[r_{k-1}, q_k * r_k]` matrix. Row
+`i` with mixed-radix digits `(i_1, ..., i_d)` (i = i_1 p_2..p_d + ... + i_d) is the chain product
+`G_1[i_1] @ G_2[i_2] @ ... @ G_d[i_d]`, reshaped to `dim = q_1 * ... * q_d` entries.
+
+Example::
+
+    shape = tt_shape(rows=10_131_227, dim=16, cores=3, rank=32)   # p=(204,215,231) q=(2,2,4)
+    cores = init_cores(shape)
+    pooled = tt_embedding_bag(cores, shape, ids, offsets, "sum")  # [bags, 16]
+
+The fast lookup (`tt_rows`) computes each distinct id once, shares the partial product of the
+leading cores between ids with the same leading digits, and runs the big middle core as one
+batched GEMM per digit group instead of copying an `r x q x r` slice per id. `tt_rows_naive`
+is the per-id gather it replaces (kept as the reference for tests and the benchmark).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import combinations_with_replacement
+
+import torch
+import torch.nn.functional as F
+
+MAX_PADDING = 0.15  # automatic row factoring pads rows up by at most this fraction
+
+
+@dataclass(frozen=True)
+class TTShape:
+    """Factorization of one table: `prod(row_factors) >= rows`, `prod(dim_factors) == dim`.
+
+    Example: ``TTShape(100, (4, 5, 5), (2, 2, 4), (1, 8, 8, 1)).num_params == 1088``.
+    """
+
+    rows: int
+    row_factors: tuple[int, ...]
+    dim_factors: tuple[int, ...]
+    ranks: tuple[int, ...]  # r_0 = 1, r_1 .. r_{d-1}, r_d = 1
+
+    @property
+    def cores(self) -> int:
+        return len(self.row_factors)
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.dim_factors)
+
+    @property
+    def padded_rows(self) -> int:
+        return math.prod(self.row_factors)
+
+    @property
+    def padding(self) -> float:
+        """Fraction of virtual rows beyond `rows` (never looked up: ids are range-checked)."""
+        return self.padded_rows / self.rows - 1
+
+    @property
+    def core_shapes(self) -> list[tuple[int, int, int, int]]:
+        r, p, q = self.ranks, self.row_factors, self.dim_factors
+        return [(p[k], r[k], q[k], r[k + 1]) for k in range(self.cores)]
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s in self.core_shapes)
+
+    def __str__(self) -> str:
+        return (
+            f"rows {list(self.row_factors)} (+{100 * self.padding:.1f}% pad) "
+            f"dims {list(self.dim_factors)} ranks {list(self.ranks)}"
+        )
+
+
+def factor_rows(rows: int, cores: int, max_padding: float = MAX_PADDING) -> tuple[int, ...]:
+    """Ascending factors with product in [rows, rows * (1 + max_padding)], as balanced as possible.
+
+    Balance = smallest sum of factors (for a given product the sum is least when the factors are
+    equal, and core memory grows with each factor), then least padding. The largest factor goes
+    last, so as many ids as possible share leading digits (and hence partial products).
+    Example: ``factor_rows(10_131_227, 3) == (204, 215, 231)`` (0.002% padding).
+    """
+    if rows < 1 or cores < 1:
+        raise ValueError(f"cannot factor {rows} rows into {cores} cores")
+    limit = math.floor(rows * (1 + max_padding))
+    best: tuple[float, int, tuple[int, ...]] | None = None
+    # The smallest factor is at most the d-th root of the limit; the other d-1 factors are at least
+    # it, and the last one is then forced (ceil of what is left). Walk the smallest factor down
+    # from the root and stop once even a perfectly balanced rest cannot beat the best sum.
+    top = int(round(limit ** (1 / cores))) + 1
+    for low in range(top, 0, -1):
+        if low**cores > limit:
+            continue
+        if best is not None and cores > 1:
+            if low + (cores - 1) * (rows / low) ** (1 / (cores - 1)) > best[0] + 1:
+                break
+        for cand in _balanced_completions(rows, limit, cores, low):
+            key = (sum(cand), math.prod(cand), cand)
+            if best is None or key < best:
+                best = key
+    if best is None:  # cannot happen (rows itself pads 0%), kept for the type checker
+        raise ValueError(f"cannot factor {rows} rows into {cores} cores")
+    return best[2]
+
+
+def _balanced_completions(rows: int, limit: int, cores: int, low: int):
+    """Ascending tuples starting with `low` whose product lands in [rows, limit]."""
+    if cores == 1:
+        if rows <= low <= limit:
+            yield (low,)
+        return
+    # middle factors range over [low, hi]; the last one is forced.
+    hi = math.ceil((limit / low) ** (1 / (cores - 1))) + 1
+    for mid in combinations_with_replacement(range(low, hi + 1), cores - 2):
+        head = low * math.prod(mid)
+        last = max(-(-rows // head), mid[-1] if mid else low)
+        if head * last <= limit:
+            yield (low, *mid, last)
+
+
+def factor_dim(dim: int, cores: int) -> tuple[int, ...]:
+    """Exact ascending factors of `dim`, as balanced as possible: 16 -> (2, 2, 4), 64 -> (4, 4, 4)."""
+
+    def splits(n: int, k: int, low: int):
+        if k == 1:
+            if n >= low:
+                yield (n,)
+            return
+        for f in range(low, n + 1):
+            if n % f == 0:
+                for rest in splits(n // f, k - 1, f):
+                    yield (f, *rest)
+
+    return min(splits(dim, cores, 1), key=lambda c: (c[-1] / c[0], c))
+
+
+def tt_shape(
+    rows: int,
+    dim: int,
+    cores: int = 3,
+    rank: int = 32,
+    ranks: list[int] | tuple[int, ...] | None = None,
+    row_factors: list[int] | tuple[int, ...] | None = None,
+    dim_factors: list[int] | tuple[int, ...] | None = None,
+    name: str = "table",
+) -> TTShape:
+    """Validated TT shape for a table; explicit factors/ranks override the automatic ones.
+
+    Example: ``tt_shape(1000, 16, cores=2, rank=4)`` -> rows (32, 32), dims (4, 4), ranks (1, 4, 1).
+    """
+    if row_factors is not None:
+        cores = len(row_factors)
+    elif dim_factors is not None:
+        cores = len(dim_factors)
+    if not 2 <= cores <= 4:
+        raise ValueError(f"{name}: TT cores must be 2, 3 or 4, got {cores}")
+    p = tuple(int(x) for x in row_factors) if row_factors is not None else factor_rows(rows, cores)
+    q = tuple(int(x) for x in dim_factors) if dim_factors is not None else factor_dim(dim, cores)
+    inner = [int(x) for x in ranks] if ranks is not None else [int(rank)] * (cores - 1)
+    if len(p) != cores or len(q) != cores or len(inner) != cores - 1:
+        raise ValueError(
+            f"{name}: {cores} cores need {cores} row factors, {cores} dim factors and "
+            f"{cores - 1} ranks, got {list(p)}, {list(q)}, {inner}"
+        )
+    if min(p + q) < 1 or min(inner) < 1:
+        raise ValueError(f"{name}: factors and ranks must be >= 1, got {list(p)} {list(q)} {inner}")
+    if math.prod(p) < rows:
+        raise ValueError(f"{name}: row factors {list(p)} cover {math.prod(p)} < {rows} rows")
+    if math.prod(q) != dim:
+        raise ValueError(f"{name}: dim factors {list(q)} multiply to {math.prod(q)}, not dim {dim}")
+    return TTShape(rows, p, q, (1, *inner, 1))
+
+
+def init_cores(
+    shape: TTShape,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor]:
+    """Gaussian cores whose reconstructed table has variance 1/(3 rows), like U(+-1/sqrt(rows)).
+
+    An entry of the table is a sum of prod(r_1..r_{d-1}) products of d independent entries, so
+    its variance is prod(r) * s^(2d): s = (1 / (3 rows prod(r)))^(1/(2d)) (TT-Rec's recipe;
+    for 3 cores (1/(3 n r1 r2))^(1/6)).
+    """
+    s = (1.0 / (3 * shape.rows * math.prod(shape.ranks))) ** (1 / (2 * shape.cores))
+    return [
+        torch.randn(cs, generator=generator, dtype=dtype, device=device) * s
+        for cs in shape.core_shapes
+    ]
+
+
+def digits_of(ids: torch.Tensor, shape: TTShape) -> list[torch.Tensor]:
+    """Mixed-radix digits (i_1, ..., i_d) of `ids` (most significant first)."""
+    out, rest = [], ids
+    for p in reversed(shape.row_factors[1:]):
+        out.append(rest % p)
+        rest = rest // p
+    out.append(rest)
+    return out[::-1]
+
+
+def materialize(cores: list[torch.Tensor], shape: TTShape) -> torch.Tensor:
+    """The full `[rows, dim]` table the cores represent (for tests and small tables only)."""
+    p0, _, q0, r1 = shape.core_shapes[0]
+    full = cores[0].reshape(p0, q0, r1)  # [P, Q, r]
+    for core in cores[1:]:
+        P, Q, _ = full.shape
+        p, _, q, r = core.shape
+        full = torch.einsum("PQa,paqb->PpQqb", full, core).reshape(P * p, Q * q, r)
+    return full[: shape.rows].reshape(shape.rows, shape.dim)
+
+
+def tt_rows_naive(cores: list[torch.Tensor], shape: TTShape, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of `ids` by gathering every core slice per lookup (no dedup): the slow baseline.
+
+    Each lookup copies its `r_{k-1} x q_k r_k` slice of every core and runs its own chain of
+    tiny matmuls; autograd differentiates it. What TT-Rec's original kernel does per id.
+    """
+    digits = digits_of(ids, shape)
+    n = ids.numel()
+    p0, _, q0, r1 = shape.core_shapes[0]
+    out = cores[0].reshape(p0, q0, r1)[digits[0]]  # [n, Q, r]
+    for core, dig in zip(cores[1:], digits[1:]):
+        p, r, q, r2 = core.shape
+        out = torch.bmm(out, core.reshape(p, r, q * r2)[dig]).reshape(n, -1, r2)
+    return out.reshape(n, shape.dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast path: distinct ids, shared prefixes, grouped middle cores.
+#
+# Level k (0-based) holds the partial products of the distinct length-(k+1) id prefixes in a
+# "store" addressed by slot. Level 0's store is core 0 itself (slot = digit). Level k >= 1 takes
+# A = store_{k-1}[src] (one [Q, r] matrix per distinct prefix, Q = q_0...q_{k-1}) and multiplies
+# by its digit's core slice, either
+#   - "gather": copy each prefix's slice and bmm (cheap when slices are small, e.g. the last core
+#     with r_d = 1), store = [n_k, Q q_k, r_k], slot = identity; or
+#   - "grouped": scatter the A's into a zero-padded [p_k, m, Q, r] buffer grouped by digit (m = the
+#     largest group) and run ONE bmm against the core as it is ([p_k, r, q r']): no slice copies,
+#     GEMMs with m*Q rows instead of Q, and the core's gradient comes out of one bmm, dense.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Level:
+    src: torch.Tensor  # per distinct prefix: its parent's slot in the previous store
+    digit: torch.Tensor  # per distinct prefix: its digit at this level
+    grouped: bool
+    groups: int = 0  # m: slots per digit (grouped only)
+    slot: torch.Tensor | None = None  # per distinct prefix: its slot in this store (grouped only)
+
+
+def _plan(shape: TTShape, uid: torch.Tensor, method: str) -> tuple[torch.Tensor, list[_Level]]:
+    """Index structure for sorted distinct ids `uid`: slots of level 0 and one _Level per core."""
+    p = shape.row_factors
+    d = shape.cores
+    codes: list[torch.Tensor] = [uid] * d  # distinct prefix codes per level, sorted
+    parents: list[torch.Tensor | None] = [None] * d
+    for k in range(d - 1, 0, -1):
+        # uid is sorted, so prefixes are sorted too: unique_consecutive needs no sort.
+        codes[k - 1], parents[k] = torch.unique_consecutive(codes[k] // p[k], return_inverse=True)
+    slot = codes[0]  # level 0: the store is core 0, addressed by digit
+    levels = []
+    for k in range(1, d):
+        src = slot[parents[k]] if slot is not None else parents[k]
+        digit = codes[k] % p[k]
+        n = digit.numel()
+        _, r, q, r2 = shape.core_shapes[k]
+        Q = math.prod(shape.dim_factors[:k])
+        grouped = method == "grouped"
+        if method == "auto":
+            # Grouped pays for m*p_k padded slots of Q*(r + q r') floats; gather copies an
+            # r*q*r' slice per prefix. Pick the smaller traffic (the middle core at rank >= 8
+            # is grouped for any realistic batch; the last core, r' = 1, is gathered).
+            groups = int(torch.bincount(digit, minlength=p[k]).max()) if n else 0
+            grouped = groups * p[k] * Q * (r + q * r2) < n * r * q * r2
+        if grouped and n:
+            count = torch.bincount(digit, minlength=p[k])
+            groups = int(count.max())
+            order = torch.argsort(digit, stable=True)
+            start = torch.cumsum(count, 0) - count
+            rank_in_group = torch.empty_like(order)
+            rank_in_group[order] = torch.arange(n, device=uid.device) - start[digit[order]]
+            levels.append(_Level(src, digit, True, groups, digit * groups + rank_in_group))
+            slot = levels[-1].slot
+        else:
+            levels.append(_Level(src, digit, False))
+            slot = None
+    return slot, levels
+
+
+class _TTRows(torch.autograd.Function):
+    """Rows of distinct ids from cores; backward writes dense core-shaped gradients."""
+
+    @staticmethod
+    def forward(ctx, final_slot, levels: list[_Level], shape: TTShape, *cores):
+        p0, _, q0, r1 = shape.core_shapes[0]
+        store = cores[0].reshape(p0, q0, r1)
+        saved = []
+        for lv, core in zip(levels, cores[1:]):
+            p, r, q, r2 = core.shape
+            a = store[lv.src]  # [n, Q, r]
+            n, Q, _ = a.shape
+            if lv.grouped:
+                x = a.new_zeros(p * lv.groups, Q, r).index_copy_(0, lv.slot, a)
+                x = x.reshape(p, lv.groups * Q, r)
+                store = torch.bmm(x, core.reshape(p, r, q * r2)).reshape(p * lv.groups, Q * q, r2)
+                saved.append(x)
+            else:
+                b = core.reshape(p, r, q * r2)[lv.digit]  # [n, r, q r']
+                store = torch.bmm(a, b).reshape(n, Q * q, r2)
+                saved.append((a, b))
+        rows = store.reshape(store.shape[0], shape.dim)
+        if final_slot is not None:
+            rows = rows[final_slot]
+        ctx.levels, ctx.shape, ctx.saved = levels, shape, saved
+        ctx.final_slot = final_slot
+        ctx.save_for_backward(*cores)
+        return rows
+
+    @staticmethod
+    def backward(ctx, g_rows):
+        cores = ctx.saved_tensors
+        levels, shape, saved = ctx.levels, ctx.shape, ctx.saved
+        grads: list[torch.Tensor | None] = [None] * len(cores)
+        # gradient of the last store, in its slot space
+        last = levels[-1]
+        if last.grouped:
+            p = cores[-1].shape[0]
+            g = g_rows.new_zeros(p * last.groups, shape.dim).index_copy_(0, ctx.final_slot, g_rows)
+        else:
+            g = g_rows
+        for k in range(len(cores) - 1, 0, -1):
+            lv, core = levels[k - 1], cores[k]
+            p, r, q, r2 = core.shape
+            if lv.grouped:
+                x = saved[k - 1]  # [p, m Q, r]
+                gy = g.reshape(p, -1, q * r2)  # [p, m Q, q r']
+                grads[k] = torch.bmm(x.transpose(1, 2), gy).reshape(core.shape)
+                ga = torch.bmm(gy, core.reshape(p, r, q * r2).transpose(1, 2))
+                ga = ga.reshape(-1, x.shape[1] // lv.groups, r)[lv.slot]  # [n, Q, r]
+            else:
+                a, b = saved[k - 1]
+                n, Q, _ = a.shape
+                gy = g.reshape(n, Q, q * r2)
+                gb = torch.bmm(a.transpose(1, 2), gy)  # [n, r, q r']
+                grads[k] = core.new_zeros(p, r * q * r2).index_add_(0, lv.digit, gb.reshape(n, -1))
+                grads[k] = grads[k].reshape(core.shape)
+                ga = torch.bmm(gy, b.transpose(1, 2))  # [n, Q, r]
+            # back into the previous store's slot space (core 0 itself for k == 1)
+            prev_slots = cores[0].shape[0] if k == 1 else _store_size(levels[k - 2], saved[k - 2])
+            g = ga.new_zeros(prev_slots, *ga.shape[1:]).index_add_(0, lv.src, ga)
+        grads[0] = g.reshape(cores[0].shape)
+        return (None, None, None, *grads)
+
+
+def _store_size(lv: _Level, saved) -> int:
+    if lv.grouped:
+        return saved.shape[0] * lv.groups
+    return saved[0].shape[0]
+
+
+def tt_rows(
+    cores: list[torch.Tensor], shape: TTShape, uid: torch.Tensor, method: str = "auto"
+) -> torch.Tensor:
+    """Rows `[len(uid), dim]` of sorted, distinct, in-range ids `uid` (differentiable in cores).
+
+    `method`: "auto" (per core, see _plan), "grouped" or "gather" (to benchmark the choices).
+    """
+    if uid.numel() == 0:
+        return cores[0].new_zeros(0, shape.dim)
+    final_slot, levels = _plan(shape, uid, method)
+    return _TTRows.apply(final_slot, levels, shape, *cores)
+
+
+def tt_embedding_bag(
+    cores: list[torch.Tensor],
+    shape: TTShape,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    mode: str = "sum",
+    method: str = "auto",
+) -> torch.Tensor:
+    """Pooled bags `[len(offsets) - 1, dim]`; `offsets` has the final end (KJT offsets).
+
+    Ids must be in [0, shape.rows) (checked by the caller, who knows the feature's name).
+    Example: ``tt_embedding_bag(cores, shape, torch.tensor([3, 5, 3]), torch.tensor([0, 2, 3]))``.
+    """
+    uid, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    rows = tt_rows(cores, shape, uid, method)
+    # The bag reduction runs on the distinct rows: embedding_bag's segment sum, not Python loops.
+    return F.embedding_bag(inverse, rows, offsets, mode=mode, include_last_offset=True)
