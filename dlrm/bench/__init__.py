@@ -1,0 +1,1 @@
+"""Benchmarks behind scripts/bench*.py; figures and commands in docs/benchmarks.md."""

@@ -1,0 +1,183 @@
+"""Benchmark of the TT embedding lookup: forward+backward time per batch, and memory.
+
+Times one TT table (default 10M rows, dim 16, 3 cores) for a batch of single-hot Zipf ids at
+several ranks, for three implementations of the same math:
+
+- ``fast``: what `emb=tt` runs (distinct ids, shared prefix products, grouped middle core);
+- ``dedup+gather``: distinct ids, but each distinct prefix copies its core slices (no grouping);
+- ``naive``: every lookup gathers its own core slices (TT-Rec's original per-id kernel).
+
+Then the memory of the 7 largest Kaggle tables compressed at rank 32 (cores + Adagrad state)
+against the full tables (fp32 + row-wise Adagrad). Run through scripts/bench_tt.py::
+
+    python scripts/bench_tt.py --threads 1            # the figures in docs/benchmarks.md
+    python scripts/bench_tt.py --ranks 32 --dist uniform
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from dlrm.data.schema import KAGGLE_CARDINALITIES
+from dlrm.embeddings.base import FP32_BYTES, TableSpec
+from dlrm.embeddings.tt_kernels import (
+    init_cores,
+    pool,
+    tt_embedding_bag,
+    tt_rows_naive,
+    tt_shape,
+)
+
+# Odd multiplier of Knuth's multiplicative hash: scatters Zipf ranks over the id space, so hot
+# ids do not all share leading digits (real preprocessed ids are not sorted by frequency).
+SCATTER = 2654435761
+
+
+def zipf_ids(n: int, rows: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
+    """`n` ids in [0, rows): Zipf(alpha) ranks (continuous inverse CDF), scattered over the rows."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    a = 1.0 - alpha
+    ranks = ((rows**a - 1.0) * u + 1.0) ** (1.0 / a)
+    ranks = ranks.long().clamp(1, rows) - 1
+    return (ranks * SCATTER) % rows
+
+
+def _time(fn, repeats: int, warmup: int = 3) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        fn()
+        cpu.append((time.thread_time() - c0) * 1e3)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    # thread CPU time leaves out time spent waiting for a core: the steadier figure on a shared
+    # machine (with one thread it equals wall time on an idle one).
+    return {
+        "median_ms": statistics.median(times),
+        "p10_ms": times[len(times) // 10],
+        "cpu_ms": statistics.median(cpu),
+    }
+
+
+def bench_rank(rows: int, dim: int, cores: int, rank: int, ids: torch.Tensor, repeats: int) -> dict:
+    """Forward+backward ms of each implementation, and of the Adagrad step, at one rank."""
+    shape = tt_shape(rows, dim, cores, rank)
+    params = [c.requires_grad_() for c in init_cores(shape)]
+    offsets = torch.arange(ids.numel() + 1)
+
+    grad_out = torch.randn(ids.numel(), dim, generator=torch.Generator().manual_seed(1))
+
+    def fresh_grads():  # as the trainer's zero_grad(set_to_none=True): no accumulation
+        for p in params:
+            p.grad = None
+
+    def fast():
+        fresh_grads()
+        tt_embedding_bag(params, shape, ids, offsets, "sum").backward(grad_out)
+
+    def dedup_gather():
+        fresh_grads()
+        tt_embedding_bag(params, shape, ids, offsets, "sum", method="gather").backward(grad_out)
+
+    def naive():
+        fresh_grads()
+        rows_ = tt_rows_naive(params, shape, ids)
+        pool(rows_, torch.arange(ids.numel()), offsets, "sum").backward(grad_out)
+
+    def forward_only():
+        with torch.no_grad():
+            tt_embedding_bag(params, shape, ids, offsets, "sum")
+
+    opt = torch.optim.Adagrad(params, lr=0.01)
+    fast()
+
+    out = {
+        "rank": rank,
+        "shape": str(shape),
+        "params": shape.num_params,
+        "distinct_ids": int(torch.unique(ids).numel()),
+        "fast": _time(fast, repeats),
+        "fast_forward": _time(forward_only, repeats),
+        "dedup_gather": _time(dedup_gather, max(3, repeats // 4)),
+        # the naive kernel is 10-50x slower: fewer repeats keep the benchmark short
+        "naive": _time(naive, max(3, repeats // 10)),
+        "adagrad_step": _time(opt.step, repeats),
+    }
+    return out
+
+
+def kaggle_memory(rank: int, dim: int, cores: int, min_rows: int) -> dict:
+    """Bytes of the Kaggle tables with >= min_rows rows: TT cores + Adagrad state vs full."""
+    big = [n for n in KAGGLE_CARDINALITIES if n >= min_rows]
+    tt = sum(2 * FP32_BYTES * tt_shape(n, dim, cores, rank).num_params for n in big)
+    full = sum(TableSpec("t", n, dim, ("f",)).full_bytes() for n in big)
+    return {"tables": len(big), "rows": big, "tt_bytes": tt, "full_bytes": full, "ratio": full / tt}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rows", type=int, default=10_131_227, help="table rows (Kaggle's largest)")
+    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--cores", type=int, default=3)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--batch", type=int, default=2048, help="single-hot lookups per batch")
+    ap.add_argument("--dist", choices=["zipf", "uniform"], default="zipf")
+    ap.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.dist == "zipf":
+        ids = zipf_ids(args.batch, args.rows, args.alpha, gen)
+    else:
+        ids = torch.randint(0, args.rows, (args.batch,), generator=gen)
+
+    print(
+        f"TT lookup fwd+bwd, {args.rows:,} x {args.dim}, {args.cores} cores, {args.batch} "
+        f"single-hot {args.dist} ids, {args.threads} thread(s), torch {torch.__version__}"
+    )
+    print(
+        "| rank | TT shape | distinct ids | fast fwd+bwd ms: median (p10) [thread CPU] "
+        "| fast fwd ms | dedup+gather ms | naive per-id ms | naive / fast | Adagrad step ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = []
+    for rank in args.ranks:
+        r = bench_rank(args.rows, args.dim, args.cores, rank, ids, args.repeats)
+        results.append(r)
+        f, n = r["fast"]["median_ms"], r["naive"]["median_ms"]
+        print(
+            f"| {rank} | {r['shape']} | {r['distinct_ids']} | {f:.2f} ({r['fast']['p10_ms']:.2f}) "
+            f"[{r['fast']['cpu_ms']:.2f}] "
+            f"| {r['fast_forward']['median_ms']:.2f} | {r['dedup_gather']['median_ms']:.2f} "
+            f"| {n:.1f} | {n / f:.1f}x | {r['adagrad_step']['median_ms']:.2f} |",
+            flush=True,
+        )
+    mem = kaggle_memory(32, args.dim, args.cores, 100_000)
+    print(
+        f"\nKaggle tables >= 100000 rows ({mem['tables']}): full {mem['full_bytes'] / 2**20:,.1f} MiB "
+        f"-> TT rank 32 {mem['tt_bytes'] / 2**20:.2f} MiB with Adagrad state "
+        f"({mem['ratio']:.0f}x)"
+    )
+    report = {"args": vars(args), "ranks": results, "kaggle_memory_rank32": mem}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
