@@ -96,7 +96,7 @@ def bench_rank(rows: int, dim: int, cores: int, rank: int, ids: torch.Tensor, re
         with torch.no_grad():
             tt_embedding_bag(params, shape, ids, offsets, "sum")
 
-    opt = torch.optim.Adagrad(params, lr=0.01)
+    opt = torch.optim.Adagrad(params, lr=0.01, fused=True)  # as emb=tt
     fast()
 
     out = {

@@ -1,0 +1,161 @@
+"""`emb=tt`: tables stored as tensor-train cores (TT-Rec, Yin et al., MLSys 2021).
+
+Each table the policy hands us (rows >= emb.min_rows, or those in emb.tables) becomes `cores`
+small dense tensors; row i is the product of one slice per core (see tt_kernels.py). The rest of
+the tables stay `full`. The cores are ordinary parameters stepped by the optimizer that
+`optimizers()` returns (Adagrad by default): they are a few MB, so a dense step is cheap.
+
+Pure PyTorch (no fbgemm), so the same code runs on CPU and CUDA.
+
+Example::
+
+    cfg = OmegaConf.create({"name": "tt", "dim": 16, "pooling": "sum", "rank": 32, "cores": 3,
+                            "min_rows": 100000, "optimizer": "adagrad", "lr": 0.01})
+    emb = build_embeddings([TableSpec("t_C3", 10_131_227, 16, ("C3",))], cfg, optim, cpu)
+    emb.describe()  # t_C3: tt 10131227 x 16 -> rows [204, 215, 231] ... ranks [1, 32, 32, 1] ...
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from dlrm.embeddings.base import EmbeddingBackend, TableSpec, check_ids_in_range
+from dlrm.embeddings.registry import register
+from dlrm.embeddings.tt_kernels import TTShape, init_cores, pool, tt_rows, tt_shape
+
+OPTIMIZERS = ("adagrad", "sgd")
+SHAPE_KEYS = {"rows", "dims", "ranks"}
+
+
+def table_shapes(tables: list[TableSpec], cfg: DictConfig) -> dict[str, TTShape]:
+    """TT shape per table from the emb config: automatic factors unless emb.shapes overrides.
+
+    emb.shapes maps a table or feature name to any of {rows: [...], dims: [...], ranks: [...]}.
+    """
+    overrides = cfg.get("shapes") or {}
+    if not isinstance(overrides, (dict, DictConfig)):
+        raise ValueError(f"emb.shapes must map table names to shapes, got {overrides!r}")
+    overrides = OmegaConf.to_container(overrides) if isinstance(overrides, DictConfig) else overrides
+    by_name = {n: t for t in tables for n in (t.name, *t.features)}
+    unknown = [n for n in overrides if n not in by_name]
+    if unknown:
+        raise ValueError(
+            f"emb.shapes names {unknown}, which are not TT-compressed tables "
+            f"(compressed: {[t.name for t in tables]}; see emb.min_rows / emb.tables)"
+        )
+    ranks = cfg.get("ranks")
+    shapes = {}
+    for t in tables:
+        entry = next((overrides[n] for n in (t.name, *t.features) if n in overrides), {}) or {}
+        bad = set(entry) - SHAPE_KEYS
+        if bad:
+            raise ValueError(f"emb.shapes.{t.name}: unknown keys {sorted(bad)}; use {sorted(SHAPE_KEYS)}")
+        shapes[t.name] = tt_shape(
+            t.rows,
+            t.dim,
+            cores=int(cfg.get("cores", 3)),
+            rank=int(cfg.get("rank", 32)),
+            ranks=entry.get("ranks", ranks),
+            row_factors=entry.get("rows"),
+            dim_factors=entry.get("dims"),
+            name=t.name,
+        )
+    return shapes
+
+
+class TTEmbeddings(EmbeddingBackend):
+    """TT-compressed tables: forward/backward through tt_kernels, cores stepped by `optimizers()`."""
+
+    name = "tt"
+
+    def __init__(
+        self, tables: list[TableSpec], cfg: DictConfig, optim: DictConfig, device: torch.device
+    ) -> None:
+        super().__init__(tables)
+        self.pooling = cfg.get("pooling", "sum")
+        if self.pooling not in ("sum", "mean"):
+            raise ValueError(f"emb.pooling={self.pooling!r}: choose one of ['mean', 'sum']")
+        self.shapes = table_shapes(self.tables, cfg)
+        # One ParameterList per table, so state_dict keys read cores.t_C3.0, cores.t_C3.1, ...
+        self.cores = nn.ModuleDict(
+            {
+                t.name: nn.ParameterList(
+                    nn.Parameter(c) for c in init_cores(self.shapes[t.name], device=device)
+                )
+                for t in self.tables
+            }
+        )
+        self.optimizer_name = cfg.get("optimizer", "adagrad")
+        if self.optimizer_name not in OPTIMIZERS:
+            raise ValueError(f"emb.optimizer={self.optimizer_name!r}: choose one of {list(OPTIMIZERS)}")
+        lr = float(cfg.get("lr", optim.get("lr", 0.01)))
+        params = list(self.cores.parameters())
+        # fused: one pass per tensor; for the 7 Kaggle tables at rank 32 (2.3M entries) the fused
+        # Adagrad step measured 1.2 ms vs 3.9 ms for the default loop on one CPU thread.
+        if self.optimizer_name == "adagrad":
+            eps = float(cfg.get("eps", optim.get("eps", 1e-8)))
+            self._optimizer = torch.optim.Adagrad(params, lr=lr, eps=eps, fused=True)
+        else:
+            self._optimizer = torch.optim.SGD(params, lr=lr, fused=True)
+        self._checked_keys = False
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if not self._checked_keys:
+            if features.keys() != self.features:
+                raise ValueError(f"TT tables expect features {self.features}, got {features.keys()}")
+            self._checked_keys = True
+        values, offsets = features.values(), features.offsets()
+        value_start = features.offset_per_key()
+        batch = features.stride()
+        blocks, key = [], 0
+        for t in self.tables:
+            n = len(t.features)
+            ids = values[value_start[key] : value_start[key + n]]
+            bag_offsets = offsets[key * batch : (key + n) * batch + 1] - value_start[key]
+            uid, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+            # Sorted distinct ids make the range check two comparisons. TT must never see an
+            # id >= rows: it would silently read a padded (or, past the padding, wrapped) row.
+            if uid.numel() and bool((uid[0] < 0) | (uid[-1] >= t.rows)):
+                check_ids_in_range(features, self.tables)  # raises, naming the feature
+                raise ValueError(f"{t.name}: ids outside [0, {t.rows})")
+            rows = tt_rows(list(self.cores[t.name]), self.shapes[t.name], uid)
+            pooled = pool(rows, inverse, bag_offsets, self.pooling)  # [n * batch, dim]
+            if n == 1:
+                blocks.append(pooled)
+            else:  # features sharing a table: [n, B, D] -> n blocks of [B, D]
+                blocks.extend(pooled.view(n, batch, t.dim).unbind(0))
+            key += n
+        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=torch.cat(blocks, 1))
+
+    def table_bytes(self, table: TableSpec) -> int:
+        """Cores of `table` plus the optimizer state kept for them."""
+        total = 0
+        for p in self.cores[table.name]:
+            total += p.numel() * p.element_size()
+            for s in self._optimizer.state.get(p, {}).values():
+                if torch.is_tensor(s):
+                    total += s.numel() * s.element_size()
+        return total
+
+    def embedding_bytes(self) -> int:
+        return sum(self.table_bytes(t) for t in self.tables)
+
+    def stats(self) -> dict[str, float]:
+        return {f"tt_compression_{t.name}": t.full_bytes() / self.table_bytes(t) for t in self.tables}
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self._optimizer]
+
+    def describe(self) -> str:
+        return "\n".join(
+            f"{t.name}: tt {t.rows} x {t.dim} -> {self.shapes[t.name]}, "
+            f"{self.shapes[t.name].num_params:,} params, {self.table_bytes(t):,} bytes with "
+            f"{self.optimizer_name} state ({t.full_bytes() / self.table_bytes(t):.0f}x smaller)"
+            for t in self.tables
+        )
+
+
+register("tt", TTEmbeddings)
