@@ -12,7 +12,7 @@ Example::
     cfg = OmegaConf.create({"name": "tt", "dim": 16, "pooling": "sum", "rank": 32, "cores": 3,
                             "min_rows": 100000, "optimizer": "adagrad", "lr": 0.01})
     emb = build_embeddings([TableSpec("t_C3", 10_131_227, 16, ("C3",))], cfg, optim, cpu)
-    emb.describe()  # t_C3: tt 10131227 x 16 -> rows [204, 215, 231] ... ranks [1, 32, 32, 1] ...
+    emb.describe()  # t_C3: tt 10131227 x 16 -> rows [216, 217, 217] ... ranks [1, 32, 32, 1] ...
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ A table of `rows` x `dim` is stored as `d` cores; core k has shape `[p_k, r_{k-1
 
 Example::
 
-    shape = tt_shape(rows=10_131_227, dim=16, cores=3, rank=32)   # p=(204,215,231) q=(2,2,4)
+    shape = tt_shape(rows=10_131_227, dim=16, cores=3, rank=32)   # p=(216,217,217) q=(2,2,4)
     cores = init_cores(shape)
     pooled = tt_embedding_bag(cores, shape, ids, offsets, "sum")  # [bags, 16]
 
@@ -78,14 +78,14 @@ def factor_rows(rows: int, cores: int, max_padding: float = MAX_PADDING) -> tupl
     """Ascending factors with product in [rows, rows * (1 + max_padding)], as balanced as possible.
 
     Balance = smallest sum of factors (for a given product the sum is least when the factors are
-    equal, and core memory grows with each factor), then least padding. The largest factor goes
+    equal, and core memory grows with each factor), then smallest max/min, then least padding. The largest factor goes
     last, so as many ids as possible share leading digits (and hence partial products).
-    Example: ``factor_rows(10_131_227, 3) == (204, 215, 231)`` (0.002% padding).
+    Example: ``factor_rows(10_131_227, 3) == (216, 217, 217)`` (0.4% padding).
     """
     if rows < 1 or cores < 1:
         raise ValueError(f"cannot factor {rows} rows into {cores} cores")
     limit = math.floor(rows * (1 + max_padding))
-    best: tuple[float, int, tuple[int, ...]] | None = None
+    best: tuple[int, float, int, tuple[int, ...]] | None = None
     # The smallest factor is at most the d-th root of the limit; the other d-1 factors are at least
     # it, and the last one is then forced (ceil of what is left). Walk the smallest factor down
     # from the root and stop once even a perfectly balanced rest cannot beat the best sum.
@@ -97,12 +97,12 @@ def factor_rows(rows: int, cores: int, max_padding: float = MAX_PADDING) -> tupl
             if low + (cores - 1) * (rows / low) ** (1 / (cores - 1)) > best[0] + 1:
                 break
         for cand in _balanced_completions(rows, limit, cores, low):
-            key = (sum(cand), math.prod(cand), cand)
+            key = (sum(cand), cand[-1] / cand[0], math.prod(cand), cand)
             if best is None or key < best:
                 best = key
     if best is None:  # cannot happen (rows itself pads 0%), kept for the type checker
         raise ValueError(f"cannot factor {rows} rows into {cores} cores")
-    return best[2]
+    return best[-1]
 
 
 def _balanced_completions(rows: int, limit: int, cores: int, low: int):
