@@ -66,7 +66,10 @@ def dataset_path(data: DictConfig) -> Path:
         return ensure_dataset(spec, Path(data.root))
     path = Path(data.path)
     if not path.is_dir():
-        raise FileNotFoundError(f"data.path={path}: no such directory")
+        raise FileNotFoundError(
+            f"data.path={path}: no such directory (preprocess Criteo text into it with "
+            "python -m dlrm.data.preprocess; see docs/data.md)"
+        )
     return path
 
 
