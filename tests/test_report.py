@@ -1,0 +1,202 @@
+"""Sweep report (dlrm.report) on hand-written run dirs, and the sweep/launcher configs composing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from dlrm import report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_run(root: Path, job: int, *, backend="full", seed=1, auc=None, knobs=None, data_rows=1000,
+             log: str | None = None, results: dict | str | None = None) -> Path:
+    """A Hydra-shaped run dir: .hydra/{config,overrides}.yaml, optional results.json and job log."""
+    knobs = knobs or {}
+    run = root / str(job)
+    (run / ".hydra").mkdir(parents=True)
+    config = {
+        "emb": {"name": backend, "dim": 16},
+        "data": {"name": "synthetic", "seed": 0, "rows": data_rows},
+        "model": {"bottom_mlp": [32, 16], "top_mlp": [32, 1]},
+        "seed": seed, "rank": 32, "compression": 16,
+        "trainer": {"max_steps": 10, "batch_size": 64, "eval_batches": 0, "threads": 1},
+    }
+    config.update(knobs)
+    overrides = [f"emb={backend}", f"seed={seed}"] + [f"{k}={v}" for k, v in knobs.items()]
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if auc is not None:
+        ratio = {"full": 1.0}.get(backend, float(knobs.get("compression", knobs.get("rank", 8))))
+        results = {
+            "backend": backend, "auc": auc, "logloss": 0.5 - auc / 10, "ne": 0.9, "steps": 10,
+            "samples": 640, "step_time_ms": 2.0 + seed, "samples_per_s": 1000.0 * seed,
+            "embedding_bytes": int(64 * 2**20 / ratio), "full_embedding_bytes": 64 * 2**20,
+            "compression_ratio": ratio, "peak_rss_bytes": seed * 2**30, "wall_s": 1.0,
+        }
+    if results is not None:
+        (run / "results.json").write_text(results if isinstance(results, str) else json.dumps(results))
+    if log is not None:
+        (run / "train.log").write_text(log)
+    return run
+
+
+TRACEBACK_LOG = """[2026-01-01 00:00:00,000][dlrm][INFO] - device cpu, 1 threads
+Traceback (most recent call last):
+  File "dlrm/train.py", line 1, in run
+    raise RuntimeError("tt cores diverged: loss is nan")
+RuntimeError: tt cores diverged: loss is nan
+"""
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """full x3 seeds, hashed at 4x and 64x x3 seeds, tt rank 8 x1 seed, one crashed run."""
+    root = tmp_path / "multirun"
+    job = 0
+    for backend, knobs, aucs in [
+        ("full", {}, [0.70, 0.72, 0.74]),
+        ("hashed", {"compression": 4}, [0.69, 0.71, 0.70]),
+        ("hashed", {"compression": 64}, [0.60, 0.61, 0.62]),
+        ("tt", {"rank": 8}, [0.71]),
+    ]:
+        for seed, auc in enumerate(aucs, start=1):
+            make_run(root, job, backend=backend, seed=seed, auc=auc, knobs=knobs)
+            job += 1
+    make_run(root, job, backend="tt", seed=2, knobs={"rank": 8}, log=TRACEBACK_LOG)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def _row(groups: pd.DataFrame, backend: str, knobs: str = "") -> pd.Series:
+    sel = groups[(groups["backend"] == backend) & (groups["knobs"] == knobs)]
+    assert len(sel) == 1, groups[["backend", "knobs"]]
+    return sel.iloc[0]
+
+
+def test_groups_by_seed_with_mean_std_and_noise_rule(sweep: Path):
+    runs = [report.load_run(p) for p in report.find_run_dirs(sweep)]
+    assert len(runs) == 11
+    groups = report.group_runs(runs)
+    assert list(groups["backend"]) == ["full", "hashed", "hashed", "tt"]  # backend order, then compression
+
+    full = _row(groups, "full")
+    assert full["n_seeds"] == 3 and full["seeds"] == "1 2 3"
+    assert full["auc_mean"] == pytest.approx(0.72)
+    assert full["auc_std"] == pytest.approx(0.02)  # sample std (ddof=1)
+    assert full["peak_rss_bytes"] == 3 * 2**30  # max over seeds
+    assert full["step_time_ms"] == pytest.approx(4.0)  # mean over seeds
+
+    # hashed x4: d = 0.70 - 0.72 = -0.02; SE = sqrt(0.01^2/3 + 0.02^2/3) = 0.0129; 2 SE = 0.026
+    x4 = _row(groups, "hashed", "compression=4")
+    assert x4["auc_diff_vs_full"] == pytest.approx(-0.02)
+    assert x4["auc_diff_se"] == pytest.approx(math.sqrt((0.01**2 + 0.02**2) / 3))
+    assert x4["within_noise"] is True
+    x64 = _row(groups, "hashed", "compression=64")
+    assert x64["auc_diff_vs_full"] == pytest.approx(-0.11) and x64["within_noise"] is False
+    assert x64["compression_ratio"] == 64
+
+    tt = _row(groups, "tt", "rank=8")  # the override names the only tt group; one finished seed: a difference but no noise verdict
+    assert tt["n_seeds"] == 1 and math.isnan(tt["auc_std"])
+    assert tt["auc_diff_vs_full"] == pytest.approx(-0.01) and tt["within_noise"] is None
+
+
+def test_no_baseline_when_data_differs(tmp_path: Path):
+    for seed in (1, 2):
+        make_run(tmp_path, seed, backend="full", seed=seed, auc=0.7)
+        make_run(tmp_path, 10 + seed, backend="hashed", seed=seed, auc=0.6, knobs={"compression": 4},
+                 data_rows=5000)  # another dataset: comparing AUCs would be meaningless
+    groups = report.group_runs([report.load_run(p) for p in report.find_run_dirs(tmp_path)])
+    assert math.isnan(_row(groups, "hashed")["auc_diff_vs_full"])
+    assert _row(groups, "hashed")["n_seeds"] == 2
+
+
+def test_cli_writes_table_csv_and_png_and_lists_failures(sweep: Path, tmp_path: Path, capsys):
+    import matplotlib.image
+
+    out = tmp_path / "out"
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert (out / "report.md").read_text() == stdout
+
+    lines = stdout.splitlines()
+    header = next(l for l in lines if l.startswith("| backend"))
+    assert "AUC mean ± std (n)" in header and "ΔAUC vs full" in header
+    x4 = next(l for l in lines if "compression=4 |" in l)
+    assert "0.7000 ± 0.0100 (3)" in x4 and "-0.0200" in x4 and "within noise" in x4
+    assert "within noise: |dAUC| <= 2 * SE" in stdout  # the rule is stated under the table
+
+    # the crashed run is listed with its exception, not dropped
+    assert "## Failed or unfinished runs (1)" in stdout
+    failed = next(l for l in lines if l.startswith("- `"))
+    assert str(sweep / "10") in failed and "RuntimeError: tt cores diverged: loss is nan" in failed
+
+    csv = pd.read_csv(out / "report.csv")
+    assert len(csv) == 4 and {"auc_mean", "auc_std", "knobs", "within_noise", "runs"} <= set(csv.columns)
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 11 and (runs["status"] == "failed").sum() == 1
+
+    png = matplotlib.image.imread(out / "pareto.png")
+    assert png.shape[:2] == (500, 800)
+    assert png[..., :3].std() > 0.05  # something was drawn, not a blank canvas
+
+
+def test_failed_runs_never_crash_the_report(tmp_path: Path, capsys):
+    root = tmp_path / "sweep"
+    make_run(root, 0, auc=0.7)
+    make_run(root, 1, seed=2)  # unfinished: no results.json, no log
+    make_run(root, 2, seed=3, results="{not json")
+    make_run(root, 3, seed=4, results={"backend": "full", "logloss": 0.4})  # no auc
+    make_run(root, 4, seed=5, log="[2026-01-01 00:00:00,000][dlrm][ERROR] - data.path=/x: no such directory\n")
+    assert report.main([str(root)]) == 0
+    text = capsys.readouterr().out
+    assert "## Failed or unfinished runs (4)" in text
+    assert "no results.json (failed or unfinished; no error in the job log)" in text
+    assert "results.json unreadable" in text and "has no numeric 'auc'" in text
+    assert "no results.json; data.path=/x: no such directory" in text
+
+
+def test_all_runs_failed_still_reports_without_plot(tmp_path: Path, capsys):
+    make_run(tmp_path, 0, log=TRACEBACK_LOG)
+    (tmp_path / "pareto.png").write_bytes(b"stale")
+    assert report.main([str(tmp_path)]) == 0
+    assert "No finished runs." in capsys.readouterr().out
+    assert not (tmp_path / "pareto.png").exists()  # a stale plot is removed, not left to mislead
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "missing: no such directory"),
+    (lambda p: p, "no runs under"),
+])
+def test_bad_input_is_one_clear_line(tmp_path: Path, capsys, make, message):
+    assert report.main([str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("report: error:") and "\n" not in err
+
+
+def test_pareto_front_keeps_only_undominated_groups():
+    pts = pd.DataFrame({"compression_ratio": [1, 4, 16, 16, 64], "auc_mean": [0.80, 0.79, 0.70, 0.78, 0.75]})
+    front = report.pareto_front(pts)
+    assert list(front["compression_ratio"]) == [1, 4, 16, 64]
+    assert list(front["auc_mean"]) == [0.80, 0.79, 0.78, 0.75]  # (16, 0.70) is dominated by (16, 0.78)
+
+
+def test_lists_optuna_pareto_set(tmp_path: Path, capsys):
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(
+        {"trainer": {"metric": ["auc", "embedding_bytes"]}, "hydra": {"sweeper": {"direction": ["maximize", "minimize"]}}}))
+    (tmp_path / "optimization_results.yaml").write_text(yaml.safe_dump({"name": "optuna", "solutions": [
+        {"params": {"emb": "tt", "rank": 8}, "values": [0.71, 1.5e6]},
+        {"params": {"emb": "full", "rank": 32}, "values": [0.72, 6.4e7]},
+    ]}))
+    make_run(tmp_path, 0, auc=0.72)
+    assert report.main([str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "## Optuna Pareto set" in text
+    assert "| auc (maximize) | embedding_bytes (minimize) | emb | rank |" in text
+    assert "| 0.71 | 1.5e+06 | tt | 8 |" in text
