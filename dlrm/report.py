@@ -308,18 +308,21 @@ def read_optuna(root: Path) -> list[dict]:
 
 
 def _objective_names(sweep_dir: Path) -> list[str]:
-    """'auc (maximize)', ... from the sweep's multirun.yaml (trainer.metric + sweeper direction)."""
-    try:
-        cfg = _read_yaml(sweep_dir / "multirun.yaml") or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    metric = (cfg.get("trainer") or {}).get("metric")
-    direction = ((cfg.get("hydra") or {}).get("sweeper") or {}).get("direction")
-    metrics = metric if isinstance(metric, list) else [metric] if metric else []
-    directions = direction if isinstance(direction, list) else [direction] if direction else []
-    if not metrics or len(metrics) != len(directions):
-        return []
-    return [f"{m} ({d})" for m, d in zip(metrics, directions)]
+    """'auc (maximize)', ... : trainer.metric and hydra.sweeper.direction of the sweep, from its
+    multirun.yaml (basic sweeper) or else a job's .hydra/ (the Optuna sweeper writes no multirun.yaml)."""
+    sources = [(sweep_dir / "multirun.yaml", sweep_dir / "multirun.yaml")]
+    sources += [(h / "config.yaml", h / "hydra.yaml") for h in sorted(sweep_dir.glob("*/.hydra"))[:1]]
+    for config_path, hydra_path in sources:
+        try:
+            metric = (_read_yaml(config_path) or {}).get("trainer", {}).get("metric")
+            direction = (_read_yaml(hydra_path) or {}).get("hydra", {}).get("sweeper", {}).get("direction")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        metrics = metric if isinstance(metric, list) else [metric] if metric else []
+        directions = direction if isinstance(direction, list) else [direction] if direction else []
+        if metrics and len(metrics) == len(directions):
+            return [f"{m} ({d})" for m, d in zip(metrics, directions)]
+    return []
 
 
 # ----------------------------------------------------------------------------- output
