@@ -213,10 +213,15 @@ POINTS_DIR = REPO / "conf" / "experiment" / "compression"
 BACKENDS = ("full", "hashed", "qr", "tt", "cached")
 
 
-def _compose(conf_dir: Path, overrides: list[str]):
+def _compose_all(conf_dir: Path, override_sets: list[list[str]]) -> list:
+    """config.yaml composed once per override set, under one Hydra initialization."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=True)
+        return [compose("config", overrides=o, return_hydra_config=True) for o in override_sets]
+
+
+def _compose(conf_dir: Path, overrides: list[str]):
+    return _compose_all(conf_dir, [overrides])[0]
 
 
 @pytest.fixture
@@ -250,11 +255,9 @@ def test_compression_recipe_sweeps_each_point_once_per_seed(conf_with_all_backen
     assert {tuple(sorted(j)) for j in jobs} == {
         (f"+experiment/compression={p}", f"seed={s}") for p in points for s in (1, 2, 3)}
 
-    knobs = {}
-    for point in points:
-        cfg = _compose(conf_with_all_backends, ["+experiment=compression", f"+experiment/compression={point}"])
-        knobs[point] = (cfg.emb.name, cfg.compression, cfg.rank)
-        assert cfg.trainer.max_steps == 1000 and cfg.data.seed == 0  # the same for every point
+    cfgs = _compose_all(conf_with_all_backends, [["+experiment=compression", f"+experiment/compression={p}"] for p in points])
+    knobs = {p: (c.emb.name, c.compression, c.rank) for p, c in zip(points, cfgs)}
+    assert all(c.trainer.max_steps == 1000 and c.data.seed == 0 for c in cfgs)  # the same for every point
     assert knobs["full"][0] == "full" and knobs["cached"][0] == "cached"
     assert {p: k[1] for p, k in knobs.items() if k[0] in ("hashed", "qr")} == {
         "hashed_x4": 4, "hashed_x16": 16, "hashed_x64": 64, "qr_x4": 4, "qr_x16": 16, "qr_x64": 64}
@@ -264,11 +267,9 @@ def test_compression_recipe_sweeps_each_point_once_per_seed(conf_with_all_backen
 def test_compression_recipe_composes_with_the_backends_on_this_branch():
     existing = [b for b in BACKENDS if (REPO / "conf" / "emb" / f"{b}.yaml").exists()]
     assert "full" in existing
-    for point in sorted(p.stem for p in POINTS_DIR.glob("*.yaml")):
-        backend = point.split("_")[0]
-        if backend in existing:
-            cfg = _compose(REPO / "conf", ["+experiment=compression", f"+experiment/compression={point}"])
-            assert cfg.emb.name == backend
+    points = [p.stem for p in POINTS_DIR.glob("*.yaml") if p.stem.split("_")[0] in existing]
+    cfgs = _compose_all(REPO / "conf", [["+experiment=compression", f"+experiment/compression={p}"] for p in points])
+    assert [c.emb.name for c in cfgs] == [p.split("_")[0] for p in points]
 
 
 def test_optuna_search_configs_compose():
@@ -346,3 +347,43 @@ def test_slurm_launcher_config_is_accepted_by_submitit(tmp_path: Path, monkeypat
     sbatch = executor._executor._make_submission_file_text("python -m dlrm.train", "uid")
     for line in ("--cpus-per-task=8", "--gpus-per-node=1", "--mem=64GB", "--partition=gpu", "--time=240"):
         assert line in sbatch
+
+
+# ----------------------------------------------------------------------------- end to end
+
+TINY = [  # a few seconds of CPU: 2k rows, tables capped at 100 rows, 5 steps
+    "data.rows=2000", "data.eval_rows=500", "data.max_cardinality=100", "data.row_group_rows=500",
+    "trainer.max_steps=5", "trainer.warmup_steps=1", "trainer.batch_size=64", "trainer.threads=1",
+    "trainer.progress=false", "trainer.precision=fp32", "model.bottom_mlp=[16]", "model.top_mlp=[8,1]",
+]
+
+
+def test_report_on_a_real_multirun(tmp_path: Path, capsys):
+    """2 learning rates x 2 seeds through `python -m dlrm.train -m`, plus lr=-1, which the trainer
+    rejects: the sweep exits non-zero, and the report still has both groups and the 2 failures."""
+    import os
+    import subprocess
+    import sys
+
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "dlrm.train", "-m", "seed=1,2", "optim.sparse.lr=0.01,0.1,-1", *TINY,
+           f"data.root={tmp_path / 'data'}", f"hydra.sweep.dir={sweep_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "optim.sparse.lr" in proc.stderr  # Hydra re-raises the failed job
+
+    assert report.main([str(sweep_dir)]) == 0
+    text = capsys.readouterr().out
+    groups = pd.read_csv(sweep_dir / "report.csv")
+    assert sorted(groups["knobs"]) == ["optim.sparse.lr=0.01", "optim.sparse.lr=0.1"]
+    assert list(groups["n_seeds"]) == [2, 2] and list(groups["seeds"]) == ["1 2", "1 2"]
+    runs = pd.read_csv(sweep_dir / "runs.csv")
+    ok = runs[runs["status"] == "ok"]
+    for lr in (0.01, 0.1):  # the group mean is the mean of that lr's results.json files
+        aucs = [json.loads((Path(p) / "results.json").read_text())["auc"]
+                for p in ok["path"] if f"optim.sparse.lr={lr}" in ok.set_index("path").at[p, "overrides"]]
+        assert len(aucs) == 2
+        assert groups.set_index("knobs").at[f"optim.sparse.lr={lr}", "auc_mean"] == pytest.approx(sum(aucs) / 2)
+    assert "## Failed or unfinished runs (2)" in text
+    assert text.count("no results.json; optim.sparse.lr=-1") == 2  # the reason, from the job's log
+    assert (sweep_dir / "pareto.png").is_file()
