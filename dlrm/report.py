@@ -350,7 +350,7 @@ def markdown(groups: pd.DataFrame, failed: list[Run], optuna: list[dict], n_runs
                 verdict = "baseline"
             std = _num(g["auc_std"], ".4f") or "n/a"
             rows.append([
-                g["backend"], g["knobs"], _num(g.get("embedding_bytes", math.nan) / 2**20, ",.1f"),
+                g["backend"], g["knobs"], _num(g.get("embedding_bytes", math.nan) / 2**20, ",.2f"),
                 _num(g.get("compression_ratio"), ",.1f"),
                 f"{_num(g['auc_mean'], '.4f')} ± {std} ({g['n_seeds']})", _num(g.get("logloss"), ".4f"),
                 _num(g.get("auc_diff_vs_full"), "+.4f"), verdict, _num(g.get("step_time_ms"), ".2f"),
@@ -373,8 +373,10 @@ def markdown(groups: pd.DataFrame, failed: list[Run], optuna: list[dict], n_runs
         if opt["rows"]:
             header = list(dict.fromkeys(k for r in opt["rows"] for k in r))
             out += _md_table(header, [[_fmt_cell(r.get(k, "")) for k in header] for r in opt["rows"]])
+        elif opt["kind"] == "unreadable":
+            out.append(f"Could not read it: {opt['error']}")
         else:
-            out.append(f"Could not read it: {opt.get('error', 'empty')}")
+            out.append("Empty: no trial completed.")
     return "\n".join(out) + "\n"
 
 

@@ -202,6 +202,15 @@ def test_lists_optuna_pareto_set(tmp_path: Path, capsys):
     assert "| 0.71 | 1.5e+06 | tt | 8 |" in text
 
 
+def test_optuna_results_without_completed_trials_or_unreadable(tmp_path: Path, capsys):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "optimization_results.yaml").write_text("name: optuna\nsolutions: []\n")
+    (tmp_path / "b" / "optimization_results.yaml").write_text("name: optuna\nsolutions: {values: 3}\n")
+    assert report.main([str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "Empty: no trial completed." in text and "Could not read it:" in text
+
+
 # ----------------------------------------------------------------------------- sweep configs
 
 import shutil  # noqa: E402
