@@ -307,6 +307,7 @@ main()
 """
 
 
+@pytest.mark.slow  # a real Optuna sweep in a subprocess: ~5 s of CPU, mostly importing optuna
 def test_report_lists_pareto_set_written_by_the_optuna_sweeper(tmp_path: Path, capsys):
     """The multi-objective config run through the real plugin (toy task), then read by the report."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
@@ -367,6 +368,7 @@ TINY = [  # a few seconds of CPU: 2k rows, tables capped at 100 rows, 5 steps
 ]
 
 
+@pytest.mark.slow  # 6 jobs of the real trainer in a subprocess: ~14 s of CPU, mostly imports
 def test_report_on_a_real_multirun(tmp_path: Path, capsys):
     """2 learning rates x 2 seeds through `python -m dlrm.train -m`, plus lr=-1, which the trainer
     rejects: the sweep exits non-zero, and the report still has both groups and the 2 failures."""
