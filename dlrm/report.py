@@ -106,11 +106,15 @@ def _read_yaml(path: Path):
 
 
 def _overrides_as_config(overrides: list) -> dict:
+    """['+a.b=1', 'emb=tt', '~x'] -> {'a.b': 1, 'emb': 'tt'}: the keys a run set on the command line."""
     cfg = {}
     for item in overrides:
         key, sep, value = str(item).partition("=")
         if sep and not key.startswith("~"):
-            cfg[key.lstrip("+")] = yaml.safe_load(value) if value else value
+            try:
+                cfg[key.lstrip("+")] = yaml.safe_load(value) if value else value
+            except yaml.YAMLError:  # sweep syntax or odd quoting: keep the text
+                cfg[key.lstrip("+")] = value
     return cfg
 
 
@@ -195,7 +199,9 @@ def group_runs(runs: list[Run]) -> pd.DataFrame:
         res = pd.DataFrame([m.results for m in members])
         numeric = res.select_dtypes("number")
         row = {"backend": members[0].backend, "n_seeds": len(members)}
-        row["seeds"] = " ".join(str(m.config.get("seed", "?")) for m in members)
+        seeds = [str(m.config.get("seed", "?")) for m in members]
+        row["seeds"] = " ".join(seeds)
+        row["_repeated_seeds"] = len(set(seeds)) < len(seeds)  # e.g. one seed in two DIRs
         row["auc_mean"] = res["auc"].mean()
         row["auc_std"] = res["auc"].std(ddof=1) if len(members) > 1 else math.nan
         for col in numeric.columns:
@@ -209,7 +215,7 @@ def group_runs(runs: list[Run]) -> pd.DataFrame:
             row["logloss_std"] = numeric["logloss"].std(ddof=1) if len(members) > 1 else math.nan
         row["runs"] = " ".join(str(m.path) for m in members)
         row["_config"] = {k: v for k, v in members[0].config.items() if k != "seed"}
-        row["_overridden"] = {k.lstrip("+") for m in members for k in _overrides_as_config(m.overrides)}
+        row["_overridden"] = {k for m in members for k in _overrides_as_config(m.overrides)}
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=["backend", "knobs", "n_seeds", "auc_mean", "auc_std"])
@@ -230,7 +236,7 @@ def _knobs(df: pd.DataFrame, runs: list[Run]) -> list[str]:
     the same backend, plus the group's own command-line overrides whose value differs across the
     runs (`rank=8` of the only tt group). Overrides every run shares (`trainer.threads=1`) and
     `seed` are left out."""
-    per_run = [{k.lstrip("+"): v for k, v in _overrides_as_config(r.overrides).items()} for r in runs if r.results]
+    per_run = [_overrides_as_config(r.overrides) for r in runs if r.results]
     override_keys = {k for o in per_run for k in o}
     varying_overrides = {k for k in override_keys if len({repr(o.get(k, _MISSING)) for o in per_run}) > 1}
     varying: dict[str, set[str]] = {}
@@ -283,33 +289,35 @@ def _distance(a: dict, b: dict) -> int:
 
 
 def read_optuna(root: Path) -> list[dict]:
-    """optimization_results.yaml under root -> [{'path', 'objectives', 'rows'}] (rows: dicts)."""
+    """Every optimization_results.yaml under root -> {'path', 'kind', 'rows' (dicts), 'error'}."""
     found = []
     for path in sorted(root.rglob("optimization_results.yaml")):
         try:
-            data = _read_yaml(path) or {}
-            objectives = _objective_names(path.parent)
-            if "solutions" in data:  # multi-objective: the Pareto set
-                rows = []
-                for sol in data["solutions"]:
-                    values = list(sol.get("values") or [])
-                    names = objectives if len(objectives) == len(values) else [f"objective {i + 1}" for i in range(len(values))]
-                    rows.append({**dict(zip(names, values)), **(sol.get("params") or {})})
-                found.append({"path": path, "kind": "Pareto set", "rows": rows})
-            elif "best_params" in data:
-                name = objectives[0] if len(objectives) == 1 else "best value"
-                found.append({"path": path, "kind": "best trial",
-                              "rows": [{name: data.get("best_value"), **(data["best_params"] or {})}]})
-            else:
-                found.append({"path": path, "kind": "unreadable", "rows": [], "error": "no 'solutions' or 'best_params'"})
-        except (OSError, yaml.YAMLError, TypeError, AttributeError) as e:
+            kind, rows = _optuna_rows(_read_yaml(path) or {}, _objective_names(path.parent))
+            found.append({"path": path, "kind": kind, "rows": rows})
+        except (OSError, yaml.YAMLError, TypeError, AttributeError, ValueError) as e:
             found.append({"path": path, "kind": "unreadable", "rows": [], "error": _one_line(e)})
     return found
 
 
+def _optuna_rows(data: dict, objectives: list[str]) -> tuple[str, list[dict]]:
+    """The sweeper's two layouts: {'solutions': [{params, values}]} or {best_params, best_value}."""
+    if "solutions" in data:  # multi-objective: the Pareto set
+        rows = []
+        for sol in data["solutions"]:
+            values = list(sol.get("values") or [])
+            names = objectives if len(objectives) == len(values) else [f"objective {i + 1}" for i in range(len(values))]
+            rows.append({**dict(zip(names, values)), **(sol.get("params") or {})})
+        return "Pareto set", rows
+    if "best_params" in data:
+        name = objectives[0] if len(objectives) == 1 else "best value"
+        return "best trial", [{name: data.get("best_value"), **(data["best_params"] or {})}]
+    raise ValueError("neither 'solutions' nor 'best_params'")
+
+
 def _objective_names(sweep_dir: Path) -> list[str]:
     """'auc (maximize)', ... : trainer.metric and hydra.sweeper.direction of the sweep, from its
-    multirun.yaml (basic sweeper) or else a job's .hydra/ (the Optuna sweeper writes no multirun.yaml)."""
+    multirun.yaml (basic sweeper) or else a job's .hydra/ (the Optuna sweeper writes none)."""
     sources = [(sweep_dir / "multirun.yaml", sweep_dir / "multirun.yaml")]
     sources += [(h / "config.yaml", h / "hydra.yaml") for h in sorted(sweep_dir.glob("*/.hydra"))[:1]]
     for config_path, hydra_path in sources:
@@ -345,14 +353,16 @@ def markdown(groups: pd.DataFrame, failed: list[Run], optuna: list[dict], n_runs
                   "ΔAUC vs full", "noise", "step ms", "samples/s", "peak RSS MiB"]
         rows = []
         for _, g in groups.iterrows():
-            verdict = {True: "within noise", False: "beyond noise", None: ""}[g.get("within_noise")]
+            verdict = {True: "within noise", False: "beyond noise"}.get(g.get("within_noise"), "")
             if g["backend"] == BASELINE:
                 verdict = "baseline"
             std = _num(g["auc_std"], ".4f") or "n/a"
+            n = f"{g['n_seeds']}, seeds repeat" if g["_repeated_seeds"] else g["n_seeds"]
             rows.append([
                 g["backend"], g["knobs"], _num(g.get("embedding_bytes", math.nan) / 2**20, ",.2f"),
                 _num(g.get("compression_ratio"), ",.1f"),
-                f"{_num(g['auc_mean'], '.4f')} ± {std} ({g['n_seeds']})", _num(g.get("logloss"), ".4f"),
+                f"{_num(g['auc_mean'], '.4f')} ± {std} ({n})",
+                _num(g.get("logloss"), ".4f"),
                 _num(g.get("auc_diff_vs_full"), "+.4f"), verdict, _num(g.get("step_time_ms"), ".2f"),
                 _num(g.get("samples_per_s"), ",.0f"), _num(g.get("peak_rss_bytes", math.nan) / 2**20, ",.0f"),
             ])

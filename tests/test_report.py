@@ -398,3 +398,11 @@ def test_report_on_a_real_multirun(tmp_path: Path, capsys):
     assert "## Failed or unfinished runs (2)" in text
     assert text.count("no results.json; optim.sparse.lr=-1") == 2  # the reason, from the job's log
     assert (sweep_dir / "pareto.png").is_file()
+
+
+def test_same_seed_in_two_sweeps_is_flagged(tmp_path: Path, capsys):
+    make_run(tmp_path / "a", 0, seed=1, auc=0.70)
+    make_run(tmp_path / "b", 0, seed=1, auc=0.71)  # a rerun, not a second seed
+    assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 0
+    assert "0.7050 ± 0.0071 (2, seeds repeat)" in capsys.readouterr().out
+    assert (tmp_path / "out" / "report.md").is_file()
