@@ -165,7 +165,8 @@ def summary(results: dict, out_dir: Path) -> str:
     if "teacher_auc" in results:
         lines[0] += f"   (teacher ceiling: AUC {results['teacher_auc']:.4f}, logloss {results['teacher_logloss']:.4f})"
     lines += [
-        f"embeddings {mb:,.1f} MB ({results['compression_ratio']:.1f}x smaller than full fp32 tables)",
+        f"embeddings {mb:,.1f} MB, compression {results['compression_ratio']:.1f}x "
+        "(vs fp32 tables + row-wise Adagrad state)",
         f"{results['samples_per_s']:,.0f} samples/s, median step {results['step_time_ms']:.1f} ms, "
         f"{results['steps']} steps in {results['wall_s']:.0f} s",
         f"results: {out_dir / 'results.json'}",
