@@ -419,7 +419,7 @@ def plot_pareto(groups: pd.DataFrame, path: Path) -> bool:
     ax.plot(front["compression_ratio"], front["auc_mean"], "k--", lw=1, label="Pareto front")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-    ax.set_xlabel("compression ratio (full fp32 bytes / embedding bytes)")
+    ax.set_xlabel("compression ratio (full_embedding_bytes / embedding_bytes)")
     ax.set_ylabel("eval AUC (mean ± std over seeds)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
