@@ -1,1 +1,1 @@
-"""Benchmarks behind scripts/bench*.py; figures and commands in docs/benchmarks.md."""
+"""Benchmarks (speed lives here, not in tests). Each has a thin wrapper in scripts/."""
