@@ -298,3 +298,14 @@ def test_explicit_tables_list_and_bad_config():
         TTEmbeddings(tables, emb_cfg(**{"emb.cores": 5}), SPARSE_OPTIM, CPU)
     with pytest.raises(ValueError, match="t_C1.*2 ranks"):
         TTEmbeddings(tables, emb_cfg(**{"emb.ranks": "[8]"}), SPARSE_OPTIM, CPU)
+
+
+def test_int32_ids_and_autocast_give_the_fp32_result():
+    tables = [TableSpec("t_A", 5000, 16, ("A",))]
+    emb = TTEmbeddings(tables, emb_cfg(rank=8), SPARSE_OPTIM, CPU)
+    ids, lengths = torch.tensor([1, 2, 4999, 2]), torch.tensor([2, 0, 2])
+    ref = emb(KeyedJaggedTensor.from_lengths_sync(["A"], ids, lengths)).values()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = emb(KeyedJaggedTensor.from_lengths_sync(["A"], ids.int(), lengths.int())).values()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

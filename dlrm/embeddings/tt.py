@@ -108,6 +108,13 @@ class TTEmbeddings(EmbeddingBackend):
                 raise ValueError(f"TT tables expect features {self.features}, got {features.keys()}")
             self._checked_keys = True
         values, offsets = features.values(), features.offsets()
+        # Cores stay fp32 even if a caller wraps us in autocast (bmm would otherwise drop to bf16).
+        with torch.autocast(values.device.type, enabled=False):
+            return self._lookup(features, values, offsets)
+
+    def _lookup(
+        self, features: KeyedJaggedTensor, values: torch.Tensor, offsets: torch.Tensor
+    ) -> KeyedTensor:
         value_start = features.offset_per_key()
         batch = features.stride()
         blocks, key = [], 0
