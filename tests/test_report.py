@@ -396,7 +396,8 @@ def test_report_on_a_real_multirun(tmp_path: Path, capsys):
         assert len(aucs) == 2
         assert groups.set_index("knobs").at[f"optim.sparse.lr={lr}", "auc_mean"] == pytest.approx(sum(aucs) / 2)
     assert "## Failed or unfinished runs (2)" in text
-    assert text.count("no results.json; optim.sparse.lr=-1") == 2  # the reason, from the job's log
+    # the reason, from the job's log
+    assert text.count("no results.json; dlrm.config.ConfigError: optim.sparse.lr=-1 must be >= 0") == 2
     assert (sweep_dir / "pareto.png").is_file()
 
 
