@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from pathlib import Path
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.data.schema import KAGGLE_CARDINALITIES
@@ -122,7 +122,8 @@ def test_init_reconstructs_uniform_baseline_variance(cores):
 
 
 def double_cores(shape, seed=0):
-    return [c.requires_grad_() for c in init_cores(shape, torch.Generator().manual_seed(seed), torch.float64)]
+    cores = init_cores(shape, torch.Generator().manual_seed(seed), torch.float64)
+    return [c.requires_grad_() for c in cores]
 
 
 def grads(out, w, params):
@@ -268,7 +269,8 @@ def test_kaggle_tables_at_rank_32_fit_in_20_mb():
 def test_optimizer_steps_only_touched_slices():
     tables = [TableSpec("t_A", 1000, 16, ("A",))]
     for name in ["adagrad", "sgd"]:
-        cfg = emb_cfg(rank=4, **{"emb.optimizer": name, "emb.lr": 0.1, "emb.shapes": "{A: {rows: [10, 10, 10]}}"})
+        shapes = "{A: {rows: [10, 10, 10]}}"
+        cfg = emb_cfg(rank=4, **{"emb.optimizer": name, "emb.lr": 0.1, "emb.shapes": shapes})
         emb = TTEmbeddings(tables, cfg, SPARSE_OPTIM, CPU)
         before = [p.detach().clone() for p in emb.parameters()]
         out = emb(kjt(["A"], [[[123]], [[456]]]))  # leading digits 1 and 4
@@ -291,7 +293,8 @@ def test_explicit_tables_list_and_bad_config():
     emb = build_embeddings(tables, emb_cfg(rank=4, **{"emb.tables": "[C1]"}), SPARSE_OPTIM, CPU)
     assert "t_C1: tt" in emb.describe() and "t_C2: full" in emb.describe()
     with pytest.raises(ValueError, match="emb.shapes names \\['t_C9'\\]"):
-        TTEmbeddings(tables, emb_cfg(**{"emb.shapes": "{t_C9: {rows: [10, 10, 20]}}"}), SPARSE_OPTIM, CPU)
+        cfg = emb_cfg(**{"emb.shapes": "{t_C9: {rows: [10, 10, 20]}}"})
+        TTEmbeddings(tables, cfg, SPARSE_OPTIM, CPU)
     with pytest.raises(ValueError, match="emb.optimizer='adam'"):
         TTEmbeddings(tables, emb_cfg(**{"emb.optimizer": "adam"}), SPARSE_OPTIM, CPU)
     with pytest.raises(ValueError, match="t_C1: TT cores must be 2, 3 or 4"):

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     mem = kaggle_memory(32, args.dim, args.cores, 100_000)
     print(
-        f"\nKaggle tables >= 100000 rows ({mem['tables']}): full {mem['full_bytes'] / 2**20:,.1f} MiB "
+        f"\nKaggle tables >= 100000 rows ({mem['tables']}): "
+        f"full {mem['full_bytes'] / 2**20:,.1f} MiB "
         f"-> TT rank 32 {mem['tt_bytes'] / 2**20:.2f} MiB with Adagrad state "
         f"({mem['ratio']:.0f}x)"
     )

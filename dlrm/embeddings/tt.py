@@ -38,7 +38,8 @@ def table_shapes(tables: list[TableSpec], cfg: DictConfig) -> dict[str, TTShape]
     overrides = cfg.get("shapes") or {}
     if not isinstance(overrides, (dict, DictConfig)):
         raise ValueError(f"emb.shapes must map table names to shapes, got {overrides!r}")
-    overrides = OmegaConf.to_container(overrides) if isinstance(overrides, DictConfig) else overrides
+    if isinstance(overrides, DictConfig):
+        overrides = OmegaConf.to_container(overrides)
     by_name = {n: t for t in tables for n in (t.name, *t.features)}
     unknown = [n for n in overrides if n not in by_name]
     if unknown:
@@ -52,7 +53,9 @@ def table_shapes(tables: list[TableSpec], cfg: DictConfig) -> dict[str, TTShape]
         entry = next((overrides[n] for n in (t.name, *t.features) if n in overrides), {}) or {}
         bad = set(entry) - SHAPE_KEYS
         if bad:
-            raise ValueError(f"emb.shapes.{t.name}: unknown keys {sorted(bad)}; use {sorted(SHAPE_KEYS)}")
+            raise ValueError(
+                f"emb.shapes.{t.name}: unknown keys {sorted(bad)}; use {sorted(SHAPE_KEYS)}"
+            )
         shapes[t.name] = tt_shape(
             t.rows,
             t.dim,
@@ -67,7 +70,7 @@ def table_shapes(tables: list[TableSpec], cfg: DictConfig) -> dict[str, TTShape]
 
 
 class TTEmbeddings(EmbeddingBackend):
-    """TT-compressed tables: forward/backward through tt_kernels, cores stepped by `optimizers()`."""
+    """TT-compressed tables: lookups through tt_kernels, cores stepped by `optimizers()`."""
 
     name = "tt"
 
@@ -90,7 +93,9 @@ class TTEmbeddings(EmbeddingBackend):
         )
         self.optimizer_name = cfg.get("optimizer", "adagrad")
         if self.optimizer_name not in OPTIMIZERS:
-            raise ValueError(f"emb.optimizer={self.optimizer_name!r}: choose one of {list(OPTIMIZERS)}")
+            raise ValueError(
+                f"emb.optimizer={self.optimizer_name!r}: choose one of {list(OPTIMIZERS)}"
+            )
         lr = float(cfg.get("lr", optim.get("lr", 0.01)))
         params = list(self.cores.parameters())
         # fused: one pass per tensor; for the 7 Kaggle tables at rank 32 (2.3M entries) the fused
@@ -105,7 +110,9 @@ class TTEmbeddings(EmbeddingBackend):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if not self._checked_keys:
             if features.keys() != self.features:
-                raise ValueError(f"TT tables expect features {self.features}, got {features.keys()}")
+                raise ValueError(
+                    f"TT tables expect features {self.features}, got {features.keys()}"
+                )
             self._checked_keys = True
         values, offsets = features.values(), features.offsets()
         # Cores stay fp32 even if a caller wraps us in autocast (bmm would otherwise drop to bf16).
@@ -135,7 +142,8 @@ class TTEmbeddings(EmbeddingBackend):
             else:  # features sharing a table: [n, B, D] -> n blocks of [B, D]
                 blocks.extend(pooled.view(n, batch, t.dim).unbind(0))
             key += n
-        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=torch.cat(blocks, 1))
+        values = torch.cat(blocks, 1)
+        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=values)
 
     def table_bytes(self, table: TableSpec) -> int:
         """Cores of `table` plus the optimizer state kept for them."""
@@ -151,7 +159,9 @@ class TTEmbeddings(EmbeddingBackend):
         return sum(self.table_bytes(t) for t in self.tables)
 
     def stats(self) -> dict[str, float]:
-        return {f"tt_compression_{t.name}": t.full_bytes() / self.table_bytes(t) for t in self.tables}
+        return {
+            f"tt_compression_{t.name}": t.full_bytes() / self.table_bytes(t) for t in self.tables
+        }
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self._optimizer]

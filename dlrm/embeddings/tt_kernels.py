@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from itertools import combinations_with_replacement
 
 import torch
-import torch.nn.functional as F
 
 MAX_PADDING = 0.15  # automatic row factoring pads rows up by at most this fraction
 
@@ -78,8 +77,9 @@ def factor_rows(rows: int, cores: int, max_padding: float = MAX_PADDING) -> tupl
     """Ascending factors with product in [rows, rows * (1 + max_padding)], as balanced as possible.
 
     Balance = smallest sum of factors (for a given product the sum is least when the factors are
-    equal, and core memory grows with each factor), then smallest max/min, then least padding. The largest factor goes
-    last, so as many ids as possible share leading digits (and hence partial products).
+    equal, and core memory grows with each factor), then smallest max/min, then least padding.
+    The largest factor goes last, so as many ids as possible share leading digits (and hence
+    partial products).
     Example: ``factor_rows(10_131_227, 3) == (216, 217, 217)`` (0.4% padding).
     """
     if rows < 1 or cores < 1:
@@ -121,7 +121,7 @@ def _balanced_completions(rows: int, limit: int, cores: int, low: int):
 
 
 def factor_dim(dim: int, cores: int) -> tuple[int, ...]:
-    """Exact ascending factors of `dim`, as balanced as possible: 16 -> (2, 2, 4), 64 -> (4, 4, 4)."""
+    """Exact ascending factors of `dim`, balanced: 16 -> (2, 2, 4), 64 -> (4, 4, 4)."""
 
     def splits(n: int, k: int, low: int):
         if k == 1:
@@ -241,8 +241,9 @@ def tt_rows_naive(cores: list[torch.Tensor], shape: TTShape, ids: torch.Tensor) 
 #   - "grouped": lay the A's out in a zero-padded [p_k, m, Q, r] buffer grouped by digit (m = the
 #     largest group) and run ONE bmm against the core as it is ([p_k, r, q r']): no slice copies,
 #     GEMMs with m*Q rows instead of Q, and the core's gradient comes out of one bmm, dense.
-# All gathers are index_select (6x faster than advanced indexing on CPU for these shapes) and all
-# scatters are index_add_ (no sort, unlike index_put_ with accumulate).
+# Every store ends in a zero row, the parent of the grouped buffer's empty slots. All gathers are
+# index_select (6x faster than advanced indexing on CPU for these shapes) and all scatters are
+# index_add_ (no sort, unlike index_put_ with accumulate).
 # ---------------------------------------------------------------------------------------------
 
 
