@@ -48,7 +48,7 @@ def zipf_ids(n: int, rows: int, alpha: float, generator: torch.Generator) -> tor
     return (ranks * SCATTER) % rows
 
 
-def _time(fn, repeats: int, warmup: int = 3) -> dict[str, float]:
+def _time(fn, repeats: int, warmup: int = 10) -> dict[str, float]:
     for _ in range(warmup):
         fn()
     times, cpu = [], []
