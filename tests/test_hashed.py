@@ -129,12 +129,10 @@ def test_measured_collision_rate_matches_uniform_expectation():
     assert stats["rows_touched"] == pytest.approx(m * (1 - (1 - 1 / m) ** n), rel=0.02)
 
 
-def test_collision_stats_count_distinct_ids_per_table():
-    # table 0: ids 5 (x2, same id is no collision), 6 -> row 2; id 7 -> row 3. table 1: id 5 -> row 9.
-    table = torch.tensor([0, 0, 0, 0, 1])
-    ids = torch.tensor([5, 5, 6, 7, 5])
-    rows = torch.tensor([2, 2, 2, 3, 9])
-    assert collision_stats(table, ids, rows) == (4, 2, 3)
+def test_collision_stats_count_distinct_ids():
+    # ids 5 (twice: one id, no collision with itself) and 6 share row 2; 7 and 8 have rows alone.
+    ids, rows = torch.tensor([5, 5, 6, 7, 8, 5]), torch.tensor([2, 2, 2, 3, 4, 2])
+    assert collision_stats(ids, rows) == (4, 2, 3)
 
 
 def test_stats_only_over_the_last_batch_and_per_table():
@@ -154,12 +152,11 @@ def test_stats_only_over_the_last_batch_and_per_table():
 def qr_reference(emb: QREmbeddings, bags: dict[str, list[list[int]]]) -> torch.Tensor:
     """Two plain tables, id by id, combined then pooled, in Python loops."""
     weights = emb.tbe.split_embedding_weights()
-    t = len(emb.tables)
     out = []
     for s in range(len(next(iter(bags.values())))):
         row = []
         for i, f in enumerate(emb.features):
-            q_w, r_w, m = weights[i], weights[t + i], emb.m[i]
+            q_w, r_w, m = weights[2 * i], weights[2 * i + 1], emb.m[i]
             per_id = []
             for x in bags[f][s]:
                 q, r = q_w[x // m], r_w[x % m]
@@ -259,13 +256,14 @@ def test_fused_sgd_updates_exactly_the_hashed_rows():
     torch.testing.assert_close(after[0] - before[0], -0.5 * hits[:, None].expand(-1, 4))
 
 
+@pytest.mark.parametrize("bags", [[[1, 31, 999], [45]], [[1], [31], [999], [45]]])
 @pytest.mark.parametrize("combiner", ["mult", "add", "concat"])
-def test_fused_sgd_updates_exactly_the_qr_rows(combiner):
+def test_fused_sgd_updates_exactly_the_qr_rows(combiner, bags):
     tables = [TableSpec("t_C1", 1000, 8, ("C1",))]
     emb = QREmbeddings(tables, emb_cfg(combiner=combiner, m={"t_C1": 30}), SGD, CPU)
     ids = [1, 31, 999, 45]
     before = [w.clone() for w in emb.tbe.split_embedding_weights()]
-    (emb(kjt({"C1": [ids[:3], ids[3:]]})).values() * torch.randn(2, 8)).sum().backward()
+    (emb(kjt({"C1": bags})).values() * torch.randn(len(bags), 8)).sum().backward()
     assert changed_rows(before, emb.tbe.split_embedding_weights()) == [
         {x // 30 for x in ids},
         {x % 30 for x in ids},
@@ -301,3 +299,10 @@ def test_out_of_range_ids_are_hashed_by_hashed_and_rejected_by_full_and_qr():
     for cls in (FullEmbeddings, QREmbeddings):
         with pytest.raises(ValueError, match=r"feature C2: ids must be in \[0, 100\)"):
             cls(tables, emb_cfg(dim=4), SGD, CPU)(batch)
+
+
+def test_pair_product_gradient_matches_autograd():
+    from dlrm.embeddings.qr import PairProduct
+
+    x = torch.randn(3, 4, 2, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(PairProduct.apply, (x,))

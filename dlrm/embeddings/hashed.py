@@ -106,22 +106,34 @@ def table_overrides(cfg: DictConfig, key: str, tables: list[TableSpec]) -> dict[
     return out
 
 
-def collision_stats(table: torch.Tensor, ids: torch.Tensor, row: torch.Tensor) -> tuple[int, int, int]:
+def collision_stats(ids: torch.Tensor, rows: torch.Tensor) -> tuple[int, int, int]:
     """(distinct ids, distinct ids sharing their row with another distinct id, distinct rows).
 
-    `table`, `ids`, `row` are per looked-up id: its table index, raw id and *global* row (rows of
-    different tables must not coincide). Ids are distinct per table: one id looked up by two
-    features of a shared table is one id, not a collision.
+    `ids` and `rows` are one table's lookups and the rows they hit; a repeated id is one id.
 
-    >>> collision_stats(torch.tensor([0, 0, 0, 1]), torch.tensor([5, 5, 6, 5]), torch.tensor([2, 2, 2, 9]))
+    >>> collision_stats(torch.tensor([5, 5, 6, 7]), torch.tensor([2, 2, 2, 3]))
     (3, 2, 2)
     """
-    pairs, first = torch.unique(torch.stack([table, ids]), dim=1, return_inverse=True)
-    # Row of each distinct (table, id): any occurrence will do, all share it.
-    distinct_row = torch.empty(pairs.shape[1], dtype=row.dtype, device=row.device).scatter_(0, first, row)
-    rows, inverse, counts = torch.unique(distinct_row, return_inverse=True, return_counts=True)
-    collided = int((counts[inverse] > 1).sum())
-    return pairs.shape[1], collided, len(rows)
+    distinct, inverse = torch.unique(ids, return_inverse=True)
+    # Row of each distinct id: any of its lookups will do, all hit the same row.
+    row_of = torch.empty(len(distinct), dtype=rows.dtype, device=rows.device).scatter_(0, inverse, rows)
+    used, which, counts = torch.unique(row_of, return_inverse=True, return_counts=True)
+    return len(distinct), int((counts[which] > 1).sum()), len(used)
+
+
+def per_table(tables: list[TableSpec], length_per_key: list[int], *tensors: torch.Tensor):
+    """Yield (index, table, slices of `tensors`) per table: a table's features are consecutive keys,
+    so its lookups are one contiguous run of the key-major values."""
+    sizes, k = [], 0
+    for t in tables:
+        sizes.append(sum(length_per_key[k : k + len(t.features)]))
+        k += len(t.features)
+    for i, (t, *parts) in enumerate(zip(tables, *(x.split(sizes) for x in tensors))):
+        yield i, t, parts
+
+
+def rates(distinct: int, collided: int, touched: int, suffix: str = "") -> dict[str, float]:
+    return {f"collision_rate{suffix}": collided / max(distinct, 1), f"rows_touched{suffix}": float(touched)}
 
 
 class HashedEmbeddings(EmbeddingBackend):
@@ -143,16 +155,12 @@ class HashedEmbeddings(EmbeddingBackend):
         ]
         self.tbe = fused_tables(hashed, optim, cfg.get("pooling", "sum"), device)
         table_of_feature = [i for i, t in enumerate(self.tables) for _ in t.features]
-        per_table = torch.tensor(
+        coeffs = torch.tensor(
             [hash_coefficients(seed, t.name) + [n] for t, n in zip(self.tables, self.buckets)],
             dtype=torch.int64,
         )
         # Per feature: (a0, a1, a2, b, buckets); part of the state so a checkpoint carries its hash.
-        self.register_buffer("hash_params", per_table[table_of_feature].to(device))
-        self.register_buffer("table_of_feature", torch.tensor(table_of_feature, device=device))
-        self.register_buffer(
-            "row_offset", torch.tensor([0] + self.buckets[:-1], device=device).cumsum(0)
-        )
+        self.register_buffer("hash_params", coeffs[table_of_feature].to(device))
         self.per_table_stats = cfg.get("stats_per_table", False)
         self._last: tuple[torch.Tensor, list[int], torch.Tensor] | None = None
 
@@ -185,32 +193,26 @@ class HashedEmbeddings(EmbeddingBackend):
     def stats(self) -> dict[str, float]:
         """Of the last batch: collision_rate (share of its distinct ids that share a bucket with
         another of its distinct ids) and rows_touched (distinct buckets used), over all hashed
-        tables; per table too (collision_rate/<table>) with emb.stats_per_table=true."""
+        tables; per table too (collision_rate/<table>, ...) with emb.stats_per_table=true.
+
+        One torch.unique per table over the batch's ids, only when the trainer asks (log steps).
+        """
         if self._last is None:
             return {}
         values, lengths, rows = self._last
-        table = self.table_of_feature.repeat_interleave(
-            torch.tensor(lengths, device=values.device), output_size=values.numel()
-        )
-        out = _summarize(table, values, rows + self.row_offset[table])
-        if self.per_table_stats:
-            for i, t in enumerate(self.tables):
-                mine = table == i
-                out.update(_summarize(table[mine], values[mine], rows[mine], suffix=f"/{t.name}"))
-        return out
+        total, out = [0, 0, 0], {}
+        for _, t, (ids, hit) in per_table(self.tables, lengths, values, rows):
+            counts = collision_stats(ids, hit)
+            total = [a + c for a, c in zip(total, counts)]
+            if self.per_table_stats:
+                out |= rates(*counts, suffix=f"/{t.name}")
+        return rates(*total) | out
 
     def describe(self) -> str:
         return "\n".join(
             f"{t.name}: hashed {t.rows} -> {n} x {t.dim} ({t.rows / n:.1f}x)"
             for t, n in zip(self.tables, self.buckets)
         )
-
-
-def _summarize(table: torch.Tensor, ids: torch.Tensor, row: torch.Tensor, suffix: str = "") -> dict[str, float]:
-    if ids.numel() == 0:
-        return {}
-    distinct, collided, rows = collision_stats(table, ids, row)
-    return {f"collision_rate{suffix}": collided / distinct, f"rows_touched{suffix}": float(rows)}
 
 
 register("hashed", HashedEmbeddings)
