@@ -279,6 +279,8 @@ def test_fused_sgd_updates_exactly_the_qr_rows(combiner, bags):
         (HashedEmbeddings, {"compression": 0.5}, "emb.compression=0.5"),
         (HashedEmbeddings, {"compression": "lots"}, "emb.compression='lots'"),
         (HashedEmbeddings, {"buckets": {"t_C1": 0}}, "emb.buckets.t_C1=0"),
+        (HashedEmbeddings, {"buckets": {"C1": 2.5}}, "emb.buckets.C1=2.5"),
+        (HashedEmbeddings, {"hash_seed": -1}, "emb.hash_seed=-1"),
         (QREmbeddings, {"compression": 0}, "emb.compression=0"),
         (QREmbeddings, {"m": {"C1": 1001}}, "emb.m.t_C1=1001"),
         (QREmbeddings, {"combiner": "max"}, "emb.combiner='max'"),
@@ -348,3 +350,12 @@ def test_trains_to_auc_clearly_above_chance(tiny_train_cfg, tmp_path, backend):
     assert results["auc"] > 0.6  # full tables reach ~0.72 in these steps; chance is 0.5
     assert 0 < results["collision_rate"] < 1 and results["rows_touched"] > 0
     assert 3 < results["compression_ratio"] < 4  # 4x on the compressed tables, small ones full
+
+
+def test_shared_tables_hash_alike_in_hashed_and_are_refused_by_qr():
+    tables = [TableSpec("t_C1", 1000, 4, ("C1", "C2"))]
+    emb = HashedEmbeddings(tables, emb_cfg(dim=4), SGD, CPU)
+    out = emb(kjt({"C1": [[7]], "C2": [[7]]})).values()
+    torch.testing.assert_close(out[:, :4], out[:, 4:])  # one table, one hash: same row
+    with pytest.raises(ValueError, match=r"emb=qr: tables \['t_C1'\] are shared"):
+        QREmbeddings(tables, emb_cfg(dim=4), SGD, CPU)

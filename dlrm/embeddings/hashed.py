@@ -149,6 +149,8 @@ class HashedEmbeddings(EmbeddingBackend):
         overrides = table_overrides(cfg, "buckets", self.tables)
         self.buckets = [overrides.get(t.name, math.ceil(t.rows / compression)) for t in self.tables]
         seed = cfg.get("hash_seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"emb.hash_seed={seed!r}: must be an integer >= 0")
         hashed = [
             TableSpec(t.name, rows=n, dim=t.dim, features=t.features)
             for t, n in zip(self.tables, self.buckets)

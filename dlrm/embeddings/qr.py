@@ -98,6 +98,9 @@ class QREmbeddings(EmbeddingBackend):
         self.combiner = cfg.get("combiner", "mult")
         if self.combiner not in COMBINERS:
             raise ValueError(f"emb.combiner={self.combiner!r}: choose one of {list(COMBINERS)}")
+        shared = [t.name for t in self.tables if len(t.features) != 1]
+        if shared:  # the per-feature [Q, R] layout below assumes one feature per table
+            raise ValueError(f"emb=qr: tables {shared} are shared by several features; qr takes one feature per table")
         dims = {t.dim for t in self.tables}
         if len(dims) != 1:
             raise ValueError(f"emb=qr needs one dim for all its tables, got {sorted(dims)}")
@@ -128,7 +131,6 @@ class QREmbeddings(EmbeddingBackend):
             for t, q, m in zip(self.tables, self.quotient_rows, self.m)
             for part, n in (("q", q), ("r", m))
         ]
-        # Feature order of the TBE must match: tables own whole runs of features (base contract).
         self.pooling = cfg.get("pooling", "sum")
         # mult pools after combining (in forward), so its lookups must not average.
         self.tbe = fused_tables(specs, optim, "sum" if self.combiner == "mult" else self.pooling, device)
