@@ -6,21 +6,13 @@ the extra work hashed/qr do before the lookup (hash, x // m and x % m) and the c
 Ids are drawn Zipf-like (as in Criteo) within each table. Prints a markdown table.
 
     python scripts/bench_hashed.py --threads 1 --steps 30
-
-With --sweep DIR it instead tabulates a training sweep's results.json files (mean +- sd over
-seeds per backend and compression), as used for the AUC table in docs/benchmarks.md:
-
-    python scripts/bench_hashed.py --sweep multirun/hashed-figure
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,36 +91,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def summarize_sweep(root: Path) -> str:
-    """Markdown table of every results.json under `root`: mean +- sd over seeds per setting."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for path in sorted(root.rglob("results.json")):
-        cfg = OmegaConf.load(path.parent / ".hydra" / "config.yaml")
-        backend = cfg.emb.name + (f"-{cfg.emb.combiner}" if cfg.emb.name == "qr" else "")
-        c = cfg.compression if cfg.emb.name != "full" else 1
-        groups[(backend, c)].append(json.loads(path.read_text()))
-    if not groups:
-        raise FileNotFoundError(f"{root}: no results.json below it")
-
-    def ms(key: str, runs: list[dict], fmt: str) -> str:
-        vals = [r[key] for r in runs]
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{statistics.mean(vals):{fmt}} ± {sd:{fmt}}"
-
-    lines = [
-        "| backend | compression | runs | steps | AUC | logloss | step ms (median) | bytes ratio | MiB | collision rate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for (backend, c), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        collide = ms("collision_rate", runs, ".3f") if "collision_rate" in runs[0] else "-"
-        lines.append(
-            f"| {backend} | {c:g} | {len(runs)} | {runs[0]['steps']} | {ms('auc', runs, '.4f')} | "
-            f"{ms('logloss', runs, '.4f')} | {ms('step_time_ms', runs, '.1f')} | "
-            f"{runs[0]['compression_ratio']:.1f} | {runs[0]['embedding_bytes'] / 2**20:,.1f} | {collide} |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (set, not inherited)")
@@ -139,11 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-rows", type=int, default=2_000_000, help="cap on table rows (memory)")
     p.add_argument("--min-rows", type=int, default=10_000, help="emb.min_rows: smaller tables stay full")
     p.add_argument("--compression", type=float, nargs="+", default=[4, 16, 64])
-    p.add_argument("--sweep", type=Path, help="tabulate this training sweep's results instead")
     args = p.parse_args(argv)
-    if args.sweep:
-        print(summarize_sweep(args.sweep))
-        return
     rows = run(args)
     print(f"threads={args.threads} batch={args.batch_size} hot={args.hot} dim={args.dim} "
           f"max_rows={args.max_rows} min_rows={args.min_rows} steps={args.steps}\n")
