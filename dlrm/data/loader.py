@@ -173,12 +173,13 @@ class ParquetLoader:
         needed = [LABEL, *DENSE, *SPARSE]
         for f in self.files:
             try:
-                md = pq.ParquetFile(f).metadata
+                pf = pq.ParquetFile(f)
+                md, names = pf.metadata, pf.schema_arrow.names  # arrow names: list columns too
             except FileNotFoundError:
                 raise FileNotFoundError(f"{f}: listed in meta.json but missing") from None
             except (pa.ArrowInvalid, OSError) as e:
                 raise ValueError(f"{f}: not a readable parquet file ({e})") from None
-            missing = [c for c in needed if c not in md.schema.names]
+            missing = [c for c in needed if c not in names]
             if missing:
                 raise ValueError(f"{f}: missing columns {missing}")
             groups += [(f, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
