@@ -313,41 +313,27 @@ def test_pair_product_gradient_matches_autograd():
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.fixture(scope="module")
-def tiny_train_cfg(tmp_path_factory):
-    """compose(*overrides): the app's config on a tiny synthetic dataset (2000-row tables)."""
-    from hydra import compose, initialize_config_dir
-
-    root = tmp_path_factory.mktemp("data")
-    tiny = [
-        f"data.root={root}", "data.rows=30000", "data.eval_rows=8000", "data.max_cardinality=2000",
-        "data.row_group_rows=4096", "trainer.batch_size=256", "trainer.max_steps=110",
-        "trainer.progress=false", "trainer.threads=1", "trainer.log_every=20", "trainer.warmup_steps=2",
-        "model.bottom_mlp=[64,16]", "model.top_mlp=[64,1]",
-        # SGD at lr 0.05 barely moves the tables in 110 steps; row-wise Adagrad does.
-        "optim.sparse.name=rowwise_adagrad", "optim.sparse.lr=0.1",
-        "emb.min_rows=1000",  # the tiny tables have <= 2000 rows; compress the large ones
-    ]
-
-    def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return compose("config", overrides=[*tiny, *overrides])
-
-    return _compose
-
-
 @pytest.mark.parametrize("backend", ["hashed", "qr"])
-def test_trains_to_auc_clearly_above_chance(tiny_train_cfg, tmp_path, backend):
+def test_trains_to_auc_clearly_above_chance(compose_cfg, tiny_dataset, tmp_path, backend):
     import json
 
     from dlrm.train import run
 
-    cfg = tiny_train_cfg(f"emb={backend}", "compression=4", "seed=1")
+    cfg = compose_cfg(
+        f"emb={backend}",
+        "compression=4",
+        "emb.min_rows=1000",  # the tiny tables have <= 2000 rows: compress the large ones
+        # SGD at lr 0.05 barely moves the tables in 110 steps; row-wise Adagrad does.
+        "optim.sparse.name=rowwise_adagrad",
+        "optim.sparse.lr=0.1",
+        "trainer.max_steps=110",
+        "seed=1",
+    )
     assert cfg.emb.compression == 4 and cfg.emb.name == backend  # the top-level knob reaches emb
     run(cfg, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == backend
-    assert results["auc"] > 0.6  # full tables reach ~0.72 in these steps; chance is 0.5
+    assert results["auc"] > 0.62  # full tables reach ~0.72 in these steps; chance is 0.5
     assert 0 < results["collision_rate"] < 1 and results["rows_touched"] > 0
     assert 3 < results["compression_ratio"] < 4  # 4x on the compressed tables, small ones full
 
