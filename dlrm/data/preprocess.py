@@ -285,8 +285,8 @@ def _process_chunk(job: Job, fi: int, k: int, data: bytes, line0: int, in_bytes:
         raise RuntimeError(f"{path} chunk {k}: rows do not add up ({len(table)} kept, {parsed.skipped})")
     if job.strict and parsed.skipped:
         reason, lines = next(iter(parsed.bad_lines.items()))
-        if line0 < 0:
-            line0 = _lines_before(path, k * s.chunk_bytes)
+        if line0 < 0:  # lines starting before byte k*B: the first, plus one per newline before k*B-1
+            line0 = _newlines(path, k * s.chunk_bytes - 1) + 1 if k else 0
         raise ct.InputError(f"{path}:{line0 + lines[0]}: {reason} (--strict: no row may be skipped)")
     record = {
         "lines": parsed.lines + first_line - 1,  # physical lines, the header included
@@ -367,7 +367,7 @@ def _merge_counts(keys: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.
     return k[starts], np.add.reduceat(c, starts)
 
 
-def _lines_before(path: Path, offset: int) -> int:
+def _newlines(path: Path, offset: int) -> int:
     """Newlines in the first `offset` bytes (only for an error message: where is the bad line)."""
     n = 0
     with open(path, "rb") as f:
@@ -411,8 +411,60 @@ def _run_task(job: Job, task: tuple) -> list[dict]:
     return records
 
 
-def _worker_task(job: Job, task: tuple) -> list[dict]:
-    return _run_task(job, task)
+class Workers:
+    """Worker processes, spawned once per run and shared by all passes; in-process when n <= 1
+    (simplest to debug, and what most tests use)."""
+
+    def __init__(self, n: int):
+        self.pool = None
+        if n > 1:
+            ctx = mp.get_context("spawn")  # fork after pyarrow started its threads can deadlock
+            self.queue = ctx.Queue()
+            self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(self.queue,))
+        else:
+            self.queue = queue.SimpleQueue()
+
+    def map(self, fn, calls: list[tuple], on_progress=None) -> list:
+        """fn(*args) for each args, results in order; progress messages go to on_progress."""
+
+        def drain():
+            while True:
+                try:
+                    msg = self.queue.get_nowait()
+                except queue.Empty:
+                    return
+                if on_progress is not None:
+                    on_progress(msg)
+
+        if self.pool is None:
+            global _PROGRESS
+            saved, _PROGRESS = _PROGRESS, self.queue
+            try:
+                results = []
+                for args in calls:
+                    results.append(fn(*args))
+                    drain()
+                return results
+            finally:
+                _PROGRESS = saved
+        futures = [self.pool.submit(fn, *args) for args in calls]
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                drain()
+                for f in finished:
+                    f.result()  # a worker's error surfaces here, with its own message
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+        drain()
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,8 +475,8 @@ def _plain_chunks(path: Path, chunk_bytes: int) -> int:
     return max(1, math.ceil(path.stat().st_size / chunk_bytes))
 
 
-def _run_pass(job: Job, workers: int, progress: bool, desc: str) -> int:
-    """Run every unfinished chunk of a pass; returns how many chunks were already done."""
+def _run_pass(job: Job, workers: "Workers", progress: bool, desc: str) -> tuple[int, int]:
+    """Run every unfinished chunk of a pass; returns (chunks already done, rows read this run)."""
     s, out = job.settings, Path(job.out)
     tasks, done_bytes, done_rows, reused = [], 0, 0, 0
     for fi, p in enumerate(s.inputs):
@@ -458,39 +510,10 @@ def _run_pass(job: Job, workers: int, progress: bool, desc: str) -> int:
         bar.set_postfix_str(f"{done_rows + rows:,} rows, {rows / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s", refresh=False)
 
     try:
-        if workers <= 1:  # in-process: simplest to debug, and what the tests use
-            q = queue.SimpleQueue()
-            _init_worker(q)
-            try:
-                for task in tasks:
-                    _run_task(job, task)
-                    while not q.empty():
-                        advance(*q.get())
-            finally:
-                _init_worker(None)
-                pa.set_cpu_count(os.cpu_count() or 1)
-        else:
-            ctx = mp.get_context("spawn")  # fork after pyarrow started threads can deadlock
-            q = ctx.Queue()
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
-                pending = {pool.submit(_worker_task, job, t) for t in tasks}
-                try:
-                    while pending:
-                        finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                        while True:
-                            try:
-                                advance(*q.get_nowait())
-                            except queue.Empty:
-                                break
-                        for f in finished:
-                            f.result()  # re-raise a worker's error here
-                except BaseException:
-                    for f in pending:
-                        f.cancel()
-                    raise
+        workers.map(_run_task, [(job, t) for t in tasks], lambda msg: advance(*msg))
     finally:
         bar.close()
-    return reused
+    return reused, rows
 
 
 def _file_records(out: Path, pass_name: str, fid: str, n_chunks: int | None) -> list[dict]:
@@ -589,14 +612,6 @@ def _hash_counts(out: str, ci: int, count_files: list[str], max_rows: int) -> in
     (out / COUNTS).mkdir(exist_ok=True)
     _save_npy(out / COUNTS / f"{c}.npy", cnt.astype(np.int64))
     return max_rows
-
-
-def _per_column(fn, args_per_column: list[tuple], workers: int) -> list:
-    """Run fn over the 26 columns, in worker processes when there are several workers."""
-    if workers <= 1:
-        return [fn(*a) for a in args_per_column]
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(None,)) as pool:
-        return list(pool.map(fn, *zip(*args_per_column)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,6 +763,8 @@ def preprocess(
     paths = [Path(p).resolve() for p in inputs]
     if not paths:
         raise PreprocessError("no input files given")
+    if all(re.search(r"day_\d+", p.name) for p in paths):  # day_10 after day_2, whatever the shell did
+        paths.sort(key=lambda p: _day_of(p.name, 0))
     for p in paths:
         ct.check_input(p)
     if mode not in ("vocab", "hash"):
@@ -767,19 +784,40 @@ def preprocess(
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if _prepare_out(out, settings, overwrite):
-        summary = DatasetMeta.load(out).extra["preprocess"]
+        meta = DatasetMeta.load(out)
+        # A crash right after meta.json was written can leave sliced originals: not referenced.
+        referenced = {f for files in meta.splits.values() for f in files}
+        for part in (out / PARTS).glob("*.parquet"):
+            if str(part.relative_to(out)) not in referenced:
+                part.unlink()
+        summary = meta.extra["preprocess"]
         if progress:
             print(f"{out}: already complete (same inputs and settings); nothing to do", file=sys.stderr)
         return summary
     fids = _fids(settings.inputs)
     names = [_names(p, f) for p, f in zip(paths, formats)]
     plan_splits(settings, [0] * len(paths))  # fail on a bad split before hours of work
-    seconds, reused = {}, {}
+    pool = Workers(workers)
+    try:
+        summary = _run(out, settings, fids, names, pool, strict, progress, t_start)
+    finally:
+        pool.close()
+    if not keep_work:
+        shutil.rmtree(out / WORK, ignore_errors=True)
+    if progress:
+        print(format_summary(summary), file=sys.stderr)
+    return summary
+
+
+def _run(out: Path, settings: Settings, fids, names, workers: Workers, strict: bool, progress: bool, t_start: float) -> dict:
+    paths = [Path(p) for p in settings.inputs]
+    mode, min_count, max_rows = settings.mode, settings.min_count, settings.max_rows
+    seconds, reused, done = {}, {}, {}
 
     if mode == "vocab":
         count = Job(str(out), "count", settings, fids, names, strict)
         t = time.perf_counter()
-        reused["count"] = _run_pass(count, workers, progress, "pass 1/2 count")
+        reused["count"], done["count"] = _run_pass(count, workers, progress, "pass 1/2 count")
         seconds["count"] = time.perf_counter() - t
         count_recs = _all_records(count)
         _check_not_empty(paths, count_recs)
@@ -789,21 +827,21 @@ def preprocess(
             files = [r["output"] for recs in count_recs for r in recs]
             rows = sum(r["rows"] for recs in count_recs for r in recs)
             args = [(str(out), ci, files, rows, min_count, max_rows) for ci in range(len(SPARSE))]
-            sizes = _per_column(_merge_column, args, workers)
+            sizes = workers.map(_merge_column, args)
             _write_json(vocab_done, dict(zip(SPARSE, sizes)))
         cardinalities = json.loads(vocab_done.read_text())
         seconds["vocab"] = time.perf_counter() - t
 
     encode = Job(str(out), "encode", settings, fids, names, strict)
     t = time.perf_counter()
-    reused["encode"] = _run_pass(encode, workers, progress, "pass 2/2 encode" if mode == "vocab" else "encode (hash)")
+    reused["encode"], done["encode"] = _run_pass(encode, workers, progress, "pass 2/2 encode" if mode == "vocab" else "encode (hash)")
     seconds["encode"] = time.perf_counter() - t
     records = _all_records(encode)
     _check_not_empty(paths, records)
     if mode == "hash":
         t = time.perf_counter()
         files = [str(Path(WORK) / "encode" / fids[fi] / f"{k:06d}.arrow") for fi, recs in enumerate(records) for k in range(len(recs))]
-        sizes = _per_column(_hash_counts, [(str(out), ci, files, max_rows) for ci in range(len(SPARSE))], workers)
+        sizes = workers.map(_hash_counts, [(str(out), ci, files, max_rows) for ci in range(len(SPARSE))])
         cardinalities = dict(zip(SPARSE, sizes))
         seconds["counts"] = time.perf_counter() - t
 
@@ -811,10 +849,12 @@ def preprocess(
     t = time.perf_counter()
     file_rows = [sum(r["rows"] for r in recs) for recs in records]
     split_kind, plan = plan_splits(settings, file_rows)
-    splits, split_rows, sliced = _assign_parts(out, records, plan, row_group_rows)
+    splits, split_rows, sliced = _assign_parts(out, records, plan, settings.row_group_rows)
     seconds["finalize"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_start
-    summary = _summary(settings, records, fids, split_kind, split_rows, cardinalities, seconds, reused)
+    summary = _summary(settings, records, split_kind, split_rows, cardinalities, seconds, reused)
+    # Rates of this run's work only (a resumed run reads fewer rows than the dataset has).
+    summary["rows_per_s"] = {k: round(n / max(seconds[k], 1e-9)) for k, n in done.items()}
     summary["fingerprint"] = json.loads((out / WORK / "settings.json").read_text())
     meta = DatasetMeta(
         cardinalities=cardinalities,
@@ -826,10 +866,6 @@ def preprocess(
     meta.save(out)
     for part in sliced:
         part.unlink(missing_ok=True)
-    if not keep_work:
-        shutil.rmtree(out / WORK, ignore_errors=True)
-    if progress:
-        print(format_summary(summary), file=sys.stderr)
     return summary
 
 
@@ -839,7 +875,7 @@ def _check_not_empty(paths: list[Path], records: list[list[dict]]) -> None:
             raise ct.InputError(f"{p}: empty input (no data lines)")
 
 
-def _summary(s: Settings, records, fids, split_kind, split_rows, cardinalities, seconds, reused) -> dict:
+def _summary(s: Settings, records, split_kind, split_rows, cardinalities, seconds, reused) -> dict:
     skipped, bad, padded = Counter(), {}, 0
     for fi, recs in enumerate(records):
         line0 = 0
@@ -869,7 +905,6 @@ def _summary(s: Settings, records, fids, split_kind, split_rows, cardinalities, 
         "vocabulary": cardinalities,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "chunks_reused": reused,
-        "rows_per_s": round(rows_in / max(seconds.get("encode", 0), 1e-9)),
     }
 
 
