@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -72,6 +73,7 @@ class Settings:
     max_rows: int = 0  # vocab: keep the max_rows-1 most frequent values; hash: table rows
     chunk_bytes: int = 64 << 20
     row_group_rows: int = 65536
+    staging: bool = True  # vocab mode: keep pass 1's parsed rows (zstd Arrow IPC) for pass 2
     split: str = "auto"  # auto | kaggle | days | none
     train_days: list[int] | None = None
     val_days: list[int] | None = None
@@ -87,24 +89,37 @@ class PreprocessError(RuntimeError):
 # Keys: categorical string -> uint64
 
 
-def pack8(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """For the (null-free) string array `values`: (is8 mask, uint64 keys of the 8-byte values).
+@dataclass
+class ColumnKeys:
+    """One categorical column of a chunk as numbers: the rows holding an 8-byte value get its 8
+    bytes packed big-endian into a uint64 key (exact, and key order = byte order); the rare rows
+    holding a string of another length keep it as a Python string."""
 
-    8 bytes packed big-endian are an exact key (so key order = byte order); this avoids hashing or
-    keeping billions of Python strings. Vectorized: reads the Arrow buffers directly."""
-    n = len(values)
-    if n == 0:
-        return np.zeros(0, bool), np.zeros(0, np.uint64)
-    bufs = values.buffers()
-    offsets = np.frombuffer(bufs[1], np.int32, count=n + 1, offset=values.offset * 4)
-    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-    is8 = np.diff(offsets) == 8
-    if is8.all() and offsets[-1] - offsets[0] == 8 * n:  # contiguous: a plain reinterpretation
-        raw = data[offsets[0] : offsets[-1]]
-    else:
-        starts = offsets[:-1][is8]
-        raw = data[starts[:, None] + np.arange(8)].reshape(-1)
-    return is8, raw.view(">u8").astype(np.uint64)
+    keys: np.ndarray  # uint64 [rows with an 8-byte value]
+    rows8: np.ndarray  # bool [n]: which rows those are
+    other_rows: np.ndarray  # int [m]: rows with a non-8-byte value
+    other: list[str]  # [m]: their values
+    # rows in neither: missing (id 0)
+
+
+def column_keys(col: pa.ChunkedArray) -> ColumnKeys:
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    n = len(arr)
+    valid = ~arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else np.ones(n, bool)
+    bufs = arr.buffers()
+    if pa.types.is_fixed_size_binary(arr.type):  # the fast path: one flat buffer of 8-byte values
+        raw = np.frombuffer(bufs[1], np.uint8, count=8 * n, offset=8 * arr.offset) if n else np.zeros(0, np.uint8)
+        keys = raw.view(">u8").astype(np.uint64)
+        return ColumnKeys(keys[valid], valid, np.zeros(0, np.int64), [])
+    # Strings (the general path): gather the 8-byte values from the Arrow buffers.
+    offsets = np.frombuffer(bufs[1], np.int32, count=n + 1, offset=4 * arr.offset) if n else np.zeros(1, np.int32)
+    data = np.frombuffer(bufs[2], np.uint8) if n and bufs[2] is not None else np.zeros(0, np.uint8)
+    rows8 = valid & (np.diff(offsets) == 8)
+    starts = offsets[:-1][rows8]
+    keys = data[starts[:, None] + np.arange(8)].reshape(-1).view(">u8").astype(np.uint64)
+    other_rows = np.flatnonzero(valid & ~rows8)
+    other = arr.take(pa.array(other_rows)).to_pylist() if len(other_rows) else []
+    return ColumnKeys(keys, rows8, other_rows, other)
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -127,37 +142,25 @@ def string_hash64(strings: list[str]) -> np.ndarray:
     )
 
 
-def _dict_chunks(col: pa.ChunkedArray) -> list[pa.DictionaryArray]:
-    return [ch if pa.types.is_dictionary(ch.type) else pc.dictionary_encode(ch) for ch in col.chunks]
-
-
-def _indices(ch: pa.DictionaryArray) -> np.ndarray:
-    """Dictionary indices with missing values pointing one past the dictionary."""
-    return pc.fill_null(ch.indices, len(ch.dictionary)).to_numpy().astype(np.int64, copy=False)
-
-
-def encode_column(col: pa.ChunkedArray, encode_values) -> np.ndarray:
-    """Categorical column -> int64 ids; `encode_values(dictionary) -> ids` runs on unique values only."""
-    parts = []
-    for ch in _dict_chunks(col):
-        ids = np.append(encode_values(ch.dictionary), 0).astype(np.int64)  # the extra 0: missing
-        parts.append(ids[_indices(ch)])
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
 # ---------------------------------------------------------------------------------------------
 # Encoders (built once per worker process and reused for every chunk)
 
+SMALL_VOCAB = 1 << 20  # up to this many keys a hash index (pandas) is built per worker; beyond,
+# binary search in the memory-mapped sorted keys (shared between workers via the page cache)
+
 
 class VocabEncoder:
-    """Looks values up in the merged vocabulary: sorted keys memory-mapped from vocab/, so worker
-    processes share one copy through the page cache."""
+    """Looks values up in the merged vocabulary (vocab/<C>.keys.npy sorted, .ids.npy)."""
 
     def __init__(self, out: Path):
-        self.keys, self.ids, self.other = {}, {}, {}
+        self.keys, self.ids, self.other, self.index = {}, {}, {}, {}
         for c in SPARSE:
             self.keys[c] = np.load(out / VOCAB / f"{c}.keys.npy", mmap_mode="r")
             self.ids[c] = np.load(out / VOCAB / f"{c}.ids.npy", mmap_mode="r")
+            if len(self.keys[c]) <= SMALL_VOCAB:
+                # A hash lookup costs ~30 ns/value against ~100+ for sort + binary search.
+                self.index[c] = pd.Index(np.asarray(self.keys[c]))
+                self.ids[c] = np.asarray(self.ids[c])
             other = out / VOCAB / f"{c}.other.parquet"
             if other.exists():
                 t = pq.read_table(other)
@@ -165,20 +168,26 @@ class VocabEncoder:
             else:
                 self.other[c] = {}
 
-    def __call__(self, c: str, values: pa.Array) -> np.ndarray:
-        is8, keys = pack8(values)
-        out = np.zeros(len(values), np.int64)
-        table = self.keys[c]
-        if len(table) and len(keys):
-            order = np.argsort(keys)  # sorted needles: searchsorted narrows from the last hit
-            pos = np.minimum(np.searchsorted(table, keys[order]), len(table) - 1)
-            hit = table[pos] == keys[order]
-            found = np.zeros(len(keys), np.int64)
-            found[order] = np.where(hit, self.ids[c][pos], 0)
-            out[is8] = found
-        if not is8.all():
+    def lookup(self, c: str, q: np.ndarray) -> np.ndarray:
+        table, ids = self.keys[c], self.ids[c]
+        if len(table) == 0 or len(q) == 0:
+            return np.zeros(len(q), np.int64)
+        if c in self.index:
+            pos = self.index[c].get_indexer(q)
+            return np.where(pos >= 0, ids[pos], 0)
+        order = np.argsort(q)  # sorted needles: neighbouring searches touch neighbouring pages
+        sq = q[order]
+        pos = np.minimum(np.searchsorted(table, sq), len(table) - 1)
+        out = np.empty(len(q), np.int64)
+        out[order] = np.where(table[pos] == sq, ids[pos], 0)
+        return out
+
+    def __call__(self, c: str, ck: ColumnKeys, n: int) -> np.ndarray:
+        out = np.zeros(n, np.int64)
+        out[ck.rows8] = self.lookup(c, ck.keys)
+        if len(ck.other_rows):
             other = self.other[c]
-            out[~is8] = [other.get(v, 0) for v in values.filter(pa.array(~is8)).to_pylist()]
+            out[ck.other_rows] = [other.get(v, 0) for v in ck.other]
         return out
 
 
@@ -186,13 +195,15 @@ class HashEncoder:
     def __init__(self, max_rows: int):
         self.buckets = np.uint64(max_rows - 1)
 
-    def __call__(self, c: str, values: pa.Array) -> np.ndarray:
-        is8, keys = pack8(values)
-        all_keys = np.empty(len(values), np.uint64)
-        all_keys[is8] = keys
-        if not is8.all():
-            all_keys[~is8] = string_hash64(values.filter(pa.array(~is8)).to_pylist())
-        return (mix64(all_keys) % self.buckets + np.uint64(1)).astype(np.int64)
+    def ids(self, keys: np.ndarray) -> np.ndarray:
+        return (mix64(keys) % self.buckets + np.uint64(1)).astype(np.int64)
+
+    def __call__(self, c: str, ck: ColumnKeys, n: int) -> np.ndarray:
+        out = np.zeros(n, np.int64)
+        out[ck.rows8] = self.ids(ck.keys)
+        if len(ck.other_rows):
+            out[ck.other_rows] = self.ids(string_hash64(ck.other))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +226,14 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 def _write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
     pq.write_table(table, tmp, row_group_size=row_group_rows)
+    tmp.replace(path)
+
+
+def _write_ipc(path: Path, table: pa.Table, compression: str | None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
+            writer.write_table(table)
     tmp.replace(path)
 
 
@@ -271,10 +290,10 @@ def _encoder(job: Job):
 
 
 def _process_chunk(job: Job, fi: int, k: int, data: bytes, line0: int, in_bytes: int) -> dict:
-    """Parse chunk k of file fi, write its output, then its record (the record marks it done).
+    """Parse chunk k of file fi, then emit the pass's outputs and record.
     line0: lines of the file before this chunk, or -1 when unknown (parallel plain chunks)."""
-    s, out = job.settings, Path(job.out)
-    path, fmt, fid = Path(s.inputs[fi]), s.formats[fi], job.fids[fi]
+    s = job.settings
+    path, fmt = Path(s.inputs[fi]), s.formats[fi]
     first_line = 1
     if fmt == "csv" and k == 0:  # the header belongs to chunk 0 and is not a row
         _, _, data = data.partition(b"\n")
@@ -298,18 +317,45 @@ def _process_chunk(job: Job, fi: int, k: int, data: bytes, line0: int, in_bytes:
         "bytes": in_bytes,
         "output": None,
     }
+    return _emit(job, fi, k, table, record)
+
+
+def _stage_path(out: Path, fid: str, k: int) -> Path:
+    return out / WORK / "stage" / fid / f"{k:06d}.arrow"
+
+
+def _encode_staged(job: Job, fi: int, k: int) -> dict:
+    """Pass 2 from pass 1's parsed rows: no second parse of the text."""
+    out, fid = Path(job.out), job.fids[fi]
+    stage = _stage_path(out, fid, k)
+    record = json.loads(_record_path(out, "count", fid, k).read_text())
+    if not stage.exists():
+        raise PreprocessError(f"{stage}: staged rows missing (work dir edited?); rerun with --overwrite")
+    with pa.memory_map(str(stage)) as src:
+        table = pa.ipc.open_file(src).read_all()
+    record = _emit(job, fi, k, table, {**record, "output": None})
+    stage.unlink()  # its rows are in the part now; staging is the largest thing in .work
+    return record
+
+
+def _emit(job: Job, fi: int, k: int, table: pa.Table, record: dict) -> dict:
+    """Write what this pass makes of a chunk's rows, then the record that marks the chunk done."""
+    s, out, fid = job.settings, Path(job.out), job.fids[fi]
     work = out / WORK / job.pass_name / fid
     work.mkdir(parents=True, exist_ok=True)
     if job.pass_name == "count":
-        batches = _count_batches(table)
-        _write_counts(work / f"{k:06d}.arrow", batches)
+        _write_counts(work / f"{k:06d}.arrow", _count_batches(table))
         record["output"] = str((work / f"{k:06d}.arrow").relative_to(out))
+        if s.staging:
+            stage = _stage_path(out, fid, k)
+            stage.parent.mkdir(parents=True, exist_ok=True)
+            _write_ipc(stage, table, "zstd")
     else:
         enc = _encoder(job)
         cols = {LABEL: table[LABEL], **{c: table[c] for c in DENSE}}
         id_counts = []
         for c in SPARSE:
-            ids = encode_column(table[c], lambda values, c=c: enc(c, values))
+            ids = enc(c, column_keys(table[c]), len(table))
             cols[c] = pa.array(ids)
             if s.mode == "hash":  # the only pass in hash mode: count ids here
                 u, n = np.unique(ids, return_counts=True)
@@ -323,7 +369,7 @@ def _process_chunk(job: Job, fi: int, k: int, data: bytes, line0: int, in_bytes:
             _write_counts(work / f"{k:06d}.arrow", id_counts)
     _write_json(_record_path(out, job.pass_name, fid, k), record)
     if _PROGRESS is not None:
-        _PROGRESS.put((in_bytes, parsed.lines))
+        _PROGRESS.put((record["bytes"], record["rows_in"]))
     return record
 
 
@@ -331,21 +377,11 @@ def _count_batches(table: pa.Table) -> list[pa.RecordBatch]:
     """Per column: counts of its 8-byte values (batch c) and other strings (batch 26 + c)."""
     packed, other = [], []
     for c in SPARSE:
-        keys, values, counts = [np.zeros(0, np.uint64)], [], [np.zeros(0, np.int64)]
-        okeys, ocounts = [], []
-        for ch in _dict_chunks(table[c]):
-            n = np.bincount(_indices(ch), minlength=len(ch.dictionary) + 1)[:-1]
-            is8, k8 = pack8(ch.dictionary)
-            keys.append(k8)
-            counts.append(n[is8])
-            if not is8.all():
-                okeys += ch.dictionary.filter(pa.array(~is8)).to_pylist()
-                ocounts += n[~is8].tolist()
-        k, cnt = _merge_counts(keys, counts)
-        packed.append(pa.record_batch([pa.array(k), pa.nulls(len(k), pa.string()), pa.array(cnt)], schema=COUNT_SCHEMA))
-        agg = Counter()
-        for v, n in zip(okeys, ocounts):
-            agg[v] += n
+        ck = column_keys(table[c])
+        vc = pc.value_counts(pa.array(ck.keys))  # hash aggregation; about 30 ns per value
+        keys, counts = vc.field("values"), vc.field("counts").cast(pa.int64())
+        packed.append(pa.record_batch([keys, pa.nulls(len(keys), pa.string()), counts], schema=COUNT_SCHEMA))
+        agg = Counter(ck.other)
         other.append(
             pa.record_batch(
                 [pa.array(np.zeros(len(agg), np.uint64)), pa.array(list(agg), pa.string()), pa.array(list(agg.values()), pa.int64())],
@@ -382,10 +418,13 @@ def _newlines(path: Path, offset: int) -> int:
 
 def _run_task(job: Job, task: tuple) -> list[dict]:
     """('plain', fi, k): one chunk of an uncompressed file. ('stream', fi): every chunk of a gzip
-    file in order (it cannot seek), skipping the chunks already recorded."""
+    file in order (it cannot seek), skipping the chunks already recorded. ('staged', fi, k): one
+    chunk of pass 2 from pass 1's staged rows (any input, gzip too, runs in parallel)."""
     s, out = job.settings, Path(job.out)
     fi = task[1]
     path = Path(s.inputs[fi])
+    if task[0] == "staged":
+        return [_encode_staged(job, fi, task[2])]
     if task[0] == "plain":
         k = task[2]
         data = ct.read_plain_chunk(path, k, s.chunk_bytes)
@@ -479,8 +518,18 @@ def _run_pass(job: Job, workers: "Workers", progress: bool, desc: str) -> tuple[
     """Run every unfinished chunk of a pass; returns (chunks already done, rows read this run)."""
     s, out = job.settings, Path(job.out)
     tasks, done_bytes, done_rows, reused = [], 0, 0, 0
+    staged = job.pass_name == "encode" and s.mode == "vocab" and s.staging
     for fi, p in enumerate(s.inputs):
         path, fid = Path(p), job.fids[fi]
+        if staged:  # one task per chunk of pass 1
+            for k, r in enumerate(_file_records(out, "count", fid, _n_chunks(out, s, fi, fid))):
+                if _record_path(out, job.pass_name, fid, k).exists():
+                    reused += 1
+                    done_bytes += r["bytes"]
+                    done_rows += r["rows_in"]
+                else:
+                    tasks.append(("staged", fi, k))
+            continue
         if ct.is_gzip(path):
             if _stream_done_path(out, job.pass_name, fid).exists():
                 recs = _file_records(out, job.pass_name, fid, None)
@@ -529,12 +578,17 @@ def _file_records(out: Path, pass_name: str, fid: str, n_chunks: int | None) -> 
     return recs
 
 
+def _n_chunks(out: Path, s: Settings, fi: int, fid: str) -> int:
+    path = Path(s.inputs[fi])
+    if not ct.is_gzip(path):
+        return _plain_chunks(path, s.chunk_bytes)
+    first_pass = "count" if s.mode == "vocab" else "encode"  # the pass that streamed the file
+    return json.loads(_stream_done_path(out, first_pass, fid).read_text())["chunks"]
+
+
 def _all_records(job: Job) -> list[list[dict]]:
     s, out = job.settings, Path(job.out)
-    return [
-        _file_records(out, job.pass_name, job.fids[fi], None if ct.is_gzip(Path(p)) else _plain_chunks(Path(p), s.chunk_bytes))
-        for fi, p in enumerate(s.inputs)
-    ]
+    return [_file_records(out, job.pass_name, fid, _n_chunks(out, s, fi, fid)) for fi, fid in enumerate(job.fids)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,6 +801,7 @@ def preprocess(
     max_rows: int = 0,
     chunk_bytes: int = 64 << 20,
     row_group_rows: int = 65536,
+    staging: bool = True,
     split: str = "auto",
     train_days: list[int] | None = None,
     val_days: list[int] | None = None,
@@ -778,7 +833,7 @@ def preprocess(
     formats = [fmt or ct.detect_format(p) for p in paths]
     settings = Settings(
         inputs=[str(p) for p in paths], formats=formats, mode=mode, min_count=min_count, max_rows=max_rows,
-        chunk_bytes=chunk_bytes, row_group_rows=row_group_rows, split=split,
+        chunk_bytes=chunk_bytes, row_group_rows=row_group_rows, staging=staging and mode == "vocab", split=split,
         train_days=train_days, val_days=val_days, test_days=test_days,
     )  # fmt: skip
     out = Path(out).resolve()
@@ -952,6 +1007,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="worker processes")
     p.add_argument("--chunk-mb", type=float, default=64, help="MB of text per chunk (unit of work and of restart)")
     p.add_argument("--row-group-rows", type=int, default=65536, help="parquet row group size")
+    p.add_argument("--no-staging", action="store_true",
+                   help="vocab mode: parse the text again in pass 2 instead of keeping pass 1's rows "
+                   "(zstd, about 30%% of the text size) on disk until they are encoded")  # fmt: skip
     p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output or unfinished run in --out")
     p.add_argument("--keep-work", action="store_true", help="keep .work/ (manifest, per-chunk counts) after finishing")
@@ -964,7 +1022,7 @@ def main(argv=None) -> int:
     try:
         preprocess(
             a.inputs, a.out, fmt=a.format, mode=a.mode, min_count=a.min_count, max_rows=a.max_rows,
-            chunk_bytes=int(a.chunk_mb * (1 << 20)), row_group_rows=a.row_group_rows, split=a.split,
+            chunk_bytes=int(a.chunk_mb * (1 << 20)), row_group_rows=a.row_group_rows, staging=not a.no_staging, split=a.split,
             train_days=a.train_days, val_days=a.val_days, test_days=a.test_days, workers=a.workers,
             strict=a.strict, overwrite=a.overwrite, keep_work=a.keep_work, progress=not a.quiet,
         )  # fmt: skip
