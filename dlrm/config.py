@@ -1,0 +1,58 @@
+"""Checks on the composed config that Hydra's YAML cannot express: types and ranges.
+
+Run before any work, so `trainer.batch_size=0` or `rank=abc` fails in a second with one line
+naming the key, not after minutes of data generation.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+# key -> (type, minimum); bools are rejected where an int is expected.
+CHECKS: dict[str, tuple[type, float | None]] = {
+    "seed": (int, 0),
+    "rank": (int, 1),
+    "compression": (float, 1),
+    "trainer.max_steps": (int, 1),
+    "trainer.batch_size": (int, 1),
+    "trainer.eval_every": (int, 0),
+    "trainer.eval_batches": (int, 0),
+    "trainer.log_every": (int, 1),
+    "trainer.warmup_steps": (int, 0),
+    "trainer.grad_clip": (float, 0),
+    "trainer.threads": (int, 0),
+    "optim.dense.lr": (float, 0),
+    "optim.sparse.lr": (float, 0),
+    "emb.dim": (int, 1),
+}
+CHOICES = {
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
+    "trainer.metric": ("auc", "logloss", "ne"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _get(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, (kind, minimum) in CHECKS.items():
+        value = _get(cfg, key)
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ConfigError(f"{key}={value!r} must be {'a number' if kind is float else 'an integer'}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{key}={value!r} must be >= {minimum}")
+    for key, choices in CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: choose one of {list(choices)}")

@@ -1,0 +1,79 @@
+"""Telemetry: TensorBoard scalars, memory probes and results.json. It observes, never steers.
+
+Tags are grouped by prefix (train/, eval/, memory/, emb/): see README.md for the list.
+
+Example::
+
+    tele = Telemetry(out_dir)
+    tele.scalars(step, {"train/loss": 0.45})
+    tele.memory(step, embedding_bytes=model.sparse_arch.embedding_bytes())
+    tele.write_results({"auc": 0.79, ...})
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from pathlib import Path
+
+import psutil
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+RESULTS_FILE = "results.json"
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of resident memory over the process's life (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Telemetry:
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.writer = SummaryWriter(log_dir=str(self.out_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str) -> None:
+        # TensorBoard renders text as markdown; indent four spaces to keep it verbatim.
+        self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
+
+    def memory(self, step: int, embedding_bytes: int, device: torch.device) -> None:
+        values = {"memory/rss_bytes": rss_bytes(), "memory/embedding_bytes": embedding_bytes}
+        if device.type == "cuda":
+            values["memory/device_allocated_bytes"] = torch.cuda.memory_allocated(device)
+            values["memory/device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        self.scalars(step, values)
+
+    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        """Log the run's knobs and final metrics for TensorBoard's HPARAMS tab, in this run's dir.
+
+        (SummaryWriter.add_hparams would write them into a new timestamped sub-run instead.)
+        """
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        finite = {f"hparam/{k}": v for k, v in metrics.items() if math.isfinite(v)}
+        exp, ssi, sei = hparams_summary(clean, finite)
+        for summary in (exp, ssi, sei):
+            self.writer.file_writer.add_summary(summary)
+        self.scalars(0, finite)
+
+    def write_results(self, results: dict) -> Path:
+        """results.json, written to a temporary name and renamed: never half-written."""
+        path = self.out_dir / RESULTS_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+        return path
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,195 @@
+"""`python -m dlrm.train`: compose config -> build data, model -> Trainer.fit -> results.json.
+
+    python -m dlrm.train                          # full tables, built-in synthetic data
+    python -m dlrm.train emb=tt rank=32           # TT-compressed tables
+    python -m dlrm.train -m emb=hashed compression=4,16,64 seed=1,2,3
+
+Returns the sweep metric (`trainer.metric`, eval AUC by default) for Hydra sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dlrm.config import ConfigError, validate
+from dlrm.data.loader import ParquetLoader
+from dlrm.data.schema import SPARSE, DatasetMeta
+from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
+from dlrm.embeddings import TableSpec, build_embeddings
+from dlrm.model import DLRM, resolve_precision
+from dlrm.telemetry import Telemetry, peak_rss_bytes
+from dlrm.trainer import Trainer
+
+log = logging.getLogger("dlrm")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def set_threads(requested: int) -> int:
+    """Intra-op threads: by default all cores but one, which the loader thread uses."""
+    cores = len(os.sched_getaffinity(0))
+    threads = requested or max(1, cores - 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def dataset_path(data: DictConfig) -> Path:
+    """The parquet dataset directory: generated (synthetic) or given (data.path)."""
+    if data.name == "synthetic":
+        spec = SyntheticSpec(
+            rows=data.rows,
+            eval_rows=data.eval_rows,
+            max_cardinality=data.max_cardinality,
+            seed=data.seed,
+            zipf=data.zipf,
+            click_rate=data.click_rate,
+            row_group_rows=data.row_group_rows,
+            multi_hot=dict(data.get("multi_hot") or {}),
+        )
+        return ensure_dataset(spec, Path(data.root))
+    path = Path(data.path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.path={path}: no such directory")
+    return path
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Everything `main` does, minus Hydra: usable from tests and notebooks."""
+    t_start = time.time()
+    validate(cfg)
+    device = resolve_device(cfg.trainer.device)
+    threads = set_threads(cfg.trainer.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    path = dataset_path(cfg.data)
+    loader_args = dict(
+        batch_size=cfg.trainer.batch_size,
+        max_rows=cfg.data.get("max_rows", 0),
+        pin_memory=device.type == "cuda",
+    )
+    train_data = ParquetLoader(
+        path, cfg.data.train_split, seed=cfg.seed, shuffle=cfg.data.shuffle, **loader_args
+    )
+    eval_data = ParquetLoader(path, cfg.data.eval_split, shuffle=False, **loader_args)
+    tables = [
+        TableSpec(f"t_{f}", train_data.cardinalities[f], cfg.emb.dim, (f,)) for f in SPARSE
+    ]
+    embeddings = build_embeddings(tables, cfg.emb, cfg.optim.sparse, device)
+    model = DLRM(
+        embeddings,
+        dense_in=train_data.dense_width,
+        bottom_mlp=list(cfg.model.bottom_mlp),
+        top_mlp=list(cfg.model.top_mlp),
+        precision=resolve_precision(cfg.trainer.precision, device),
+    )
+    tele = Telemetry(out_dir)
+    tele.text("config", OmegaConf.to_yaml(cfg))
+    tele.text("embeddings", embeddings.describe())
+    log.info("embeddings:\n%s", embeddings.describe())
+    log.info(
+        "device %s, %d threads, precision %s, data %s",
+        device, threads, resolve_precision(cfg.trainer.precision, device), path,
+    )
+
+    trainer = Trainer(cfg, model, train_data, eval_data, tele, device)
+    metrics = trainer.fit()
+
+    emb_bytes, full_bytes = embeddings.embedding_bytes(), embeddings.full_bytes()
+    state = trainer.state
+    results = {
+        "backend": cfg.emb.name,
+        **metrics,
+        "steps": state.step,
+        "samples": state.samples,
+        **trainer.timing(),
+        "embedding_bytes": emb_bytes,
+        "full_embedding_bytes": full_bytes,
+        "compression_ratio": full_bytes / emb_bytes,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "wall_s": time.time() - t_start,
+        **embeddings.stats(),
+    }
+    meta = DatasetMeta.load(path)
+    for key in ("teacher_auc", "teacher_logloss"):
+        if key in meta.extra:
+            results[key] = meta.extra[key]
+    if device.type == "cuda":
+        results["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    tele.hparams(_hparams(cfg), {k: results[k] for k in ("auc", "logloss", "ne", "compression_ratio")})
+    tele.write_results(results)
+    tele.close()
+    return results
+
+
+def _hparams(cfg: DictConfig) -> dict:
+    """The knobs a sweep varies, flattened for TensorBoard's HPARAMS tab."""
+    flat = {"emb": cfg.emb.name, "seed": cfg.seed, "data": cfg.data.name}
+    for group in ("emb", "optim", "trainer"):
+        for key, value in _flatten(OmegaConf.to_container(cfg[group], resolve=True), group):
+            flat[key] = value
+    return flat
+
+
+def _flatten(node, prefix: str):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _flatten(v, f"{prefix}.{k}")
+    else:
+        yield prefix, node
+
+
+def summary(results: dict, out_dir: Path) -> str:
+    mb = results["embedding_bytes"] / 2**20
+    lines = [
+        f"eval AUC {results['auc']:.4f}  logloss {results['logloss']:.4f}  NE {results['ne']:.4f}",
+    ]
+    if "teacher_auc" in results:
+        lines[0] += f"   (teacher ceiling: AUC {results['teacher_auc']:.4f}, logloss {results['teacher_logloss']:.4f})"
+    lines += [
+        f"embeddings {mb:,.1f} MB, compression {results['compression_ratio']:.1f}x "
+        "(vs fp32 tables + row-wise Adagrad state)",
+        f"{results['samples_per_s']:,.0f} samples/s, median step {results['step_time_ms']:.1f} ms, "
+        f"{results['steps']} steps in {results['wall_s']:.0f} s",
+        f"results: {out_dir / 'results.json'}",
+        f"TensorBoard: tensorboard --logdir {out_dir}",
+    ]
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = run(cfg, out_dir)
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        # One clear line for the user; Hydra's multirun still records the failure in the job log.
+        log.error("%s", e)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(results, out_dir))
+    return results[cfg.trainer.metric]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The Hydra app end to end: results.json, TensorBoard tags, learning, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dlrm.config import ConfigError
+from dlrm.train import run
+
+from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_KEYS = {
+    "backend", "auc", "logloss", "ne", "steps", "samples", "step_time_ms", "samples_per_s",
+    "embedding_bytes", "full_embedding_bytes", "compression_ratio", "peak_rss_bytes", "wall_s",
+}  # fmt: skip
+TAGS = {
+    "train/loss", "train/step_time_ms", "train/samples_per_s", "memory/rss_bytes",
+    "memory/embedding_bytes", "eval/auc", "eval/logloss",
+}  # fmt: skip
+
+
+def test_short_run_writes_results_and_tensorboard(compose_cfg, tiny_dataset, tmp_path):
+    cfg = compose_cfg("trainer.max_steps=12", "trainer.eval_every=6")
+    results = run(cfg, tmp_path)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == results
+    assert RESULT_KEYS <= set(results)
+    assert results["backend"] == "full" and results["steps"] == 12 and results["samples"] == 12 * 256
+    assert results["compression_ratio"] == pytest.approx(
+        results["full_embedding_bytes"] / results["embedding_bytes"]
+    )
+    assert 0 < results["teacher_auc"] < 1
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert TAGS <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("eval/auc")) == 2  # mid-training (step 6) and final
+    assert "embeddings/text_summary" in events.Tags()["tensors"]
+
+
+def test_training_learns_above_chance(compose_cfg, tiny_dataset, tmp_path):
+    results = run(compose_cfg("trainer.max_steps=150", "seed=3"), tmp_path)
+    assert results["auc"] > 0.62, results  # chance is 0.5; the teacher's ceiling ~0.84
+    assert results["logloss"] < 0.56  # a constant predictor at the 25% click rate scores 0.562
+
+
+def test_bad_values_fail_before_any_work(compose_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.batch_size=0 must be >= 1"):
+        run(compose_cfg("trainer.batch_size=0"), tmp_path)
+    with pytest.raises(ConfigError, match=r"rank='abc' must be an integer"):
+        run(compose_cfg("rank=abc"), tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer.device='tpu'"):
+        run(compose_cfg("trainer.device=tpu"), tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_missing_data_path_is_one_clear_line(compose_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data.path=/no/such/dir: no such directory"):
+        run(compose_cfg("data=parquet", "data.path=/no/such/dir"), tmp_path)
+
+
+def test_non_finite_loss_names_the_step(compose_cfg, tiny_dataset, tmp_path):
+    cfg = compose_cfg("optim.dense.name=sgd", "optim.dense.lr=1e30", "trainer.max_steps=20")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d+"):
+        run(cfg, tmp_path)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dlrm.train", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+
+def test_cli_unknown_backend_lists_choices(tmp_path):
+    proc = _cli("emb=nope", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'emb/nope'" in proc.stderr and "full" in proc.stderr
+
+
+def test_cli_bad_value_exits_with_one_line(tmp_path):
+    proc = _cli("trainer.batch_size=0", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "error: trainer.batch_size=0 must be >= 1" in proc.stderr
+
+
+def test_cli_run_and_multirun(data_root, tiny_dataset, tmp_path):
+    """`python -m dlrm.train` as users type it, and a 2-job multirun returning the sweep metric."""
+    proc = _cli(*tiny_overrides(data_root), "trainer.max_steps=5", f"hydra.run.dir={tmp_path}/run", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "eval AUC" in proc.stdout and "teacher ceiling" in proc.stdout
+    assert (tmp_path / "run" / "results.json").is_file()
+    assert (tmp_path / "run" / ".hydra" / "overrides.yaml").is_file()
+    proc = _cli(
+        "-m", *tiny_overrides(data_root), "trainer.max_steps=3", "seed=1,2",
+        f"hydra.sweep.dir={tmp_path}/sweep", cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    aucs = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text())["auc"] for i in (0, 1)]
+    assert aucs[0] != aucs[1]  # the seed reaches the run
