@@ -65,45 +65,40 @@ def _hex8(ids: np.ndarray) -> pa.Array:
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
-def write_criteo_text(
-    path: str | os.PathLike,
-    label: np.ndarray,
-    dense: np.ndarray,
-    sparse: np.ndarray,
-    *,
-    fmt: str = "tsv",
-    compress: bool | None = None,
-    first_id: int = 10_000_000,
-    batch_rows: int = 1 << 18,
-) -> Path:
-    """Write rows as Criteo text: label [n] (0/1), dense [n,13] float (NaN = missing, values are
-    rounded to integers), sparse [n,26] int ids (< 2**32; negative = missing) as 8 hex digits.
+class CriteoTextWriter:
+    """Appends blocks of rows to one Criteo text file (for inputs too big to hold as arrays).
+    The file appears under its name only on close(); until then it is `<name>.tmp`.
 
-    fmt "tsv" (Kaggle train.txt / Terabyte day_N) or "csv" (Kaggle competition CSV with header,
-    ids counting from first_id). compress: gzip; None = when the name ends in ".gz".
-    Written to a temporary name and renamed, so a crash never leaves a truncated file behind.
+        with CriteoTextWriter("day_0.gz") as w:
+            for label, dense, sparse in blocks:
+                w.write(label, dense, sparse)
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    path = Path(path)
-    n = len(label)
-    if dense.shape != (n, len(DENSE)) or sparse.shape != (n, len(SPARSE)):
-        raise ValueError(f"expected dense [{n},13] and sparse [{n},26], got {dense.shape}, {sparse.shape}")
-    compress = path.name.endswith(".gz") if compress is None else compress
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw:
-        # Level 1: the benchmark needs GBs of gzip input quickly; ratio hardly matters here.
-        out = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) if compress else raw
-        options = pa_csv.WriteOptions(
-            include_header=False, delimiter="\t" if fmt == "tsv" else ",", quoting_style="none"
-        )
+
+    def __init__(self, path: str | os.PathLike, *, fmt: str = "tsv", compress: bool | None = None, first_id: int = 10_000_000):
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+        self.path, self.fmt, self.next_id = Path(path), fmt, first_id
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.raw = open(self.tmp, "wb")
+        compress = self.path.name.endswith(".gz") if compress is None else compress
+        # Level 1: benchmarks need GBs of gzip input quickly; the ratio hardly matters here.
+        self.out = gzip.GzipFile(fileobj=self.raw, mode="wb", compresslevel=1, mtime=0) if compress else self.raw
+        self.options = pa_csv.WriteOptions(include_header=False, delimiter="\t" if fmt == "tsv" else ",", quoting_style="none")
         if fmt == "csv":
-            out.write((",".join(CSV_HEADER) + "\n").encode())
+            self.out.write((",".join(CSV_HEADER) + "\n").encode())
+
+    def write(self, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray, batch_rows: int = 1 << 18) -> None:
+        """label [n] (0/1), dense [n,13] float (NaN = missing; rounded to integers), sparse [n,26]
+        int ids (< 2**32; negative = missing), rendered as 8 hex digits."""
+        n = len(label)
+        if dense.shape != (n, len(DENSE)) or sparse.shape != (n, len(SPARSE)):
+            raise ValueError(f"expected dense [{n},13] and sparse [{n},26], got {dense.shape}, {sparse.shape}")
         for start in range(0, n, batch_rows):
             sl = slice(start, min(n, start + batch_rows))
             cols = {}
-            if fmt == "csv":
-                cols["Id"] = pa.array(np.arange(sl.start, sl.stop, dtype=np.int64) + first_id)
+            if self.fmt == "csv":
+                cols["Id"] = pa.array(np.arange(sl.stop - sl.start, dtype=np.int64) + self.next_id)
+                self.next_id += sl.stop - sl.start
             cols[LABEL] = pa.array(np.asarray(label[sl], dtype=np.int64))
             d = np.asarray(dense[sl], dtype=np.float64)
             nan = np.isnan(d)
@@ -113,11 +108,46 @@ def write_criteo_text(
             s = np.asarray(sparse[sl], dtype=np.int64)
             for j, name in enumerate(SPARSE):
                 cols[name] = _hex8(s[:, j])
-            pa_csv.write_csv(pa.table(cols), out, write_options=options)
-        if compress:
-            out.close()
-    tmp.replace(path)
-    return path
+            pa_csv.write_csv(pa.table(cols), self.out, write_options=self.options)
+
+    def close(self) -> Path:
+        if self.out is not self.raw:
+            self.out.close()
+        self.raw.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.raw.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "CriteoTextWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.abort() if exc_type else self.close()
+
+
+def write_criteo_text(
+    path: str | os.PathLike,
+    label: np.ndarray,
+    dense: np.ndarray,
+    sparse: np.ndarray,
+    *,
+    fmt: str = "tsv",
+    compress: bool | None = None,
+    first_id: int = 10_000_000,
+) -> Path:
+    """Write rows as Criteo text: label [n] (0/1), dense [n,13] float (NaN = missing, values are
+    rounded to integers), sparse [n,26] int ids (< 2**32; negative = missing) as 8 hex digits.
+
+    fmt "tsv" (Kaggle train.txt / Terabyte day_N) or "csv" (Kaggle competition CSV with header,
+    ids counting from first_id). compress: gzip; None = when the name ends in ".gz".
+    Written to a temporary name and renamed, so a crash never leaves a truncated file behind.
+    """
+    with CriteoTextWriter(path, fmt=fmt, compress=compress, first_id=first_id) as w:
+        w.write(label, dense, sparse)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------
