@@ -238,8 +238,10 @@ def _write_ipc(path: Path, table: pa.Table, compression: str | None) -> None:
 
 
 def _write_counts(path: Path, batches: list[pa.RecordBatch]) -> None:
+    # zstd: a chunk's counts shrink ~4x (to ~4% of its text) for ~0.04 s; Terabyte has ~17k chunks.
     tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, COUNT_SCHEMA) as writer:
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, COUNT_SCHEMA, options=options) as writer:
         for b in batches:
             writer.write_batch(b)
     tmp.replace(path)
