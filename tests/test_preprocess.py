@@ -280,8 +280,11 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, monkeypatch, name,
     kw = dict(chunk_bytes=60_000, staging=staging)
     run([tmp_path / name], tmp_path / "ref", keep_work=True, **kw)
     ref = _snapshot(tmp_path / "ref")
-    n_chunks = len(list((tmp_path / "ref" / ".work" / "count" / "train").glob("0*.json")))
+    records = sorted((tmp_path / "ref" / ".work" / "count" / "train").glob("0*.json"))
+    n_chunks = len(records)
     assert n_chunks >= 7
+    # The progress bar counts input bytes (compressed for .gz): all of them, once.
+    assert sum(json.loads(r.read_text())["bytes"] for r in records) == (tmp_path / name).stat().st_size
 
     real, calls = pp._emit, []
 

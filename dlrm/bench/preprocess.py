@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import threading
@@ -69,63 +70,85 @@ def render(path: Path, rows: int, seed: int = 0, fmt: str = "tsv", max_cardinali
 
 
 class TreeSampler(threading.Thread):
-    """Samples RSS (summed over this process and its children) and their CPU seconds."""
+    """Samples resident memory of this process and of its children (the workers), and the CPU
+    seconds of all of them."""
 
     def __init__(self, period: float = 0.1):
         super().__init__(daemon=True)
         self.period, self.samples, self.stop = period, [], threading.Event()
         self.me = psutil.Process()
-        self.cpu_done = {}  # pid -> last CPU seconds seen (workers exit before the run ends)
+        self.cpu = {}  # pid -> last CPU seconds seen (workers exit before the run ends)
 
     def run(self) -> None:
         while not self.stop.is_set():
-            rss, peak_proc = 0, 0
+            main_rss, workers_rss, largest = 0, 0, 0
             for p in [self.me, *self.me.children(recursive=True)]:
                 try:
-                    r = p.memory_info().rss
-                    t = p.cpu_times()
-                    self.cpu_done[p.pid] = t.user + t.system + (t.children_user + t.children_system if p is self.me else 0)
+                    rss, t = p.memory_info().rss, p.cpu_times()
                 except psutil.Error:
                     continue
-                rss += r
-                peak_proc = max(peak_proc, r)
-            self.samples.append((time.perf_counter(), rss, peak_proc, sum(self.cpu_done.values())))
+                self.cpu[p.pid] = t.user + t.system
+                if p is self.me:
+                    main_rss = rss
+                else:
+                    workers_rss += rss
+                    largest = max(largest, rss)
+            self.samples.append((time.perf_counter(), main_rss, workers_rss, largest, sum(self.cpu.values())))
             self.stop.wait(self.period)
 
 
+class PhaseLog(logging.Handler):
+    """Records when preprocessing logs 'start <phase>' / 'end <phase> (...)'."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.events = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind, _, rest = record.getMessage().partition(" ")
+        if kind in ("start", "end"):
+            self.events.append((kind, rest.split(" ")[0], time.perf_counter()))
+
+
 def measure(text: Path, out: Path, workers: int, **kw) -> dict:
-    """Run preprocessing on `text` into a fresh `out`; wall/CPU/RSS per phase."""
+    """Run preprocessing on `text` into a fresh `out`: wall time, CPU seconds and peak resident
+    memory per phase (phase boundaries from the run's own log)."""
     shutil.rmtree(out, ignore_errors=True)
+    phase_log, logger = PhaseLog(), logging.getLogger(pp.__name__)
+    logger.addHandler(phase_log)
+    logger.setLevel(logging.INFO)
     sampler = TreeSampler()
     sampler.start()
-    t0 = time.perf_counter()
-    summary = pp.preprocess([text], out, workers=workers, progress=False, **kw)
-    sampler.stop.set()
-    sampler.join()
-    phases, start = {}, t0
-    for name in ("count", "vocab", "counts", "encode", "finalize"):
-        if name not in summary["seconds"]:
-            continue
-        end = start + summary["seconds"][name]
-        inside = [s for s in sampler.samples if start <= s[0] <= end] or [min(sampler.samples, key=lambda s: abs(s[0] - end))]
+    try:
+        summary = pp.preprocess([text], out, workers=workers, progress=False, **kw)
+    finally:
+        sampler.stop.set()
+        sampler.join()
+        logger.removeHandler(phase_log)
+    starts = {name: t for kind, name, t in phase_log.events if kind == "start"}
+    ends = {name: t for kind, name, t in phase_log.events if kind == "end"}
+    phases = {}
+    for name, t0 in starts.items():
+        inside = [s for s in sampler.samples if t0 <= s[0] <= ends[name]]
+        inside = inside or [min(sampler.samples, key=lambda s: abs(s[0] - t0))]
         phases[name] = {
-            "seconds": round(summary["seconds"][name], 2),
-            "peak_rss_mb": round(max(s[1] for s in inside) / 2**20),
-            "peak_process_rss_mb": round(max(s[2] for s in inside) / 2**20),
-            "cpu_seconds": round(inside[-1][3] - inside[0][3], 2),
+            "seconds": round(ends[name] - t0, 2),
+            "cpu_seconds": round(inside[-1][4] - inside[0][4], 2),
+            "peak_total_rss_mb": round(max(s[1] + s[2] for s in inside) / 2**20),
+            "peak_main_rss_mb": round(max(s[1] for s in inside) / 2**20),
+            "peak_worker_rss_mb": round(max(s[3] for s in inside) / 2**20),
         }
-        start = end
     vocab_bytes = sum(f.stat().st_size for f in (out / "vocab").glob("*")) if (out / "vocab").exists() else 0
     rows = summary["rows_in"]
     result = {
         "rows": rows,
         "text_mb": round(text.stat().st_size / 2**20),
         "workers": workers,
-        **{k: v for k, v in kw.items()},
+        **kw,
         "rows_per_s": summary["rows_per_s"],
         "end_to_end_rows_per_s": round(rows / summary["seconds"]["total"]),
         "phases": phases,
-        "peak_rss_mb": round(max(s[1] for s in sampler.samples) / 2**20),
+        "peak_total_rss_mb": round(max(s[1] + s[2] for s in sampler.samples) / 2**20),
         "vocab_mb": round(vocab_bytes / 2**20),
         "vocabulary_rows": sum(summary["vocabulary"].values()),
         "output_mb": round(sum(f.stat().st_size for f in (out / "parts").glob("*")) / 2**20),
@@ -141,7 +164,10 @@ def _print(r: dict) -> None:
     rates = ", ".join(f"{k} {v:,} rows/s" for k, v in r["rows_per_s"].items())
     print(f"{r['rows']:,} rows ({r['text_mb']} MB text), {r['workers']} workers: {rates}; end to end {r['end_to_end_rows_per_s']:,} rows/s")
     for name, p in r["phases"].items():
-        print(f"  {name:9s} {p['seconds']:7.1f} s  cpu {p['cpu_seconds']:7.1f} s  peak RSS {p['peak_rss_mb']:5d} MB (largest process {p['peak_process_rss_mb']} MB)")
+        print(
+            f"  {name:9s} {p['seconds']:7.1f} s  cpu {p['cpu_seconds']:7.1f} s  peak RSS: total {p['peak_total_rss_mb']:5d} MB,"
+            f" main {p['peak_main_rss_mb']} MB, largest worker {p['peak_worker_rss_mb']} MB"
+        )
     print(f"  vocabulary {r['vocabulary_rows']:,} ids ({r['vocab_mb']} MB on disk), output {r['output_mb']} MB, load avg {r['load_avg_1m']}")
     print(f"  at this rate: full Kaggle {r['full_kaggle_minutes']} min, Terabyte {r['full_terabyte_hours']} h")
 

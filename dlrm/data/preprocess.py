@@ -24,8 +24,11 @@ those 8 bytes packed into a uint64 (exact, no hashing); any other string is kept
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
+import itertools
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -34,7 +37,9 @@ import re
 import shutil
 import sys
 import time
+import zlib
 from collections import Counter
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +54,7 @@ from tqdm import tqdm
 from dlrm.data import criteo_text as ct
 from dlrm.data.schema import DENSE, LABEL, META_FILE, SPARSE, DatasetMeta
 
+log = logging.getLogger(__name__)
 VERSION = 1  # bump when the output of a chunk changes, so old work dirs are not reused
 WORK = ".work"
 PARTS = "parts"
@@ -431,23 +437,26 @@ def _run_task(job: Job, task: tuple) -> list[dict]:
         k = task[2]
         data = ct.read_plain_chunk(path, k, s.chunk_bytes)
         return [_process_chunk(job, fi, k, data, -1, len(data))]
-    fid, records, line0, k = job.fids[fi], [], 0, -1
-    try:
-        with open(path, "rb") as raw, ct.open_text(path) as f:
-            pos = 0
-            for k, data in enumerate(ct.iter_stream_chunks(f, s.chunk_bytes)):
-                in_bytes, pos = raw.tell() - pos, raw.tell()
-                done = _record_path(out, job.pass_name, fid, k)
-                if done.exists():
-                    rec = json.loads(done.read_text())
-                    if _PROGRESS is not None:
-                        _PROGRESS.put((in_bytes, rec["rows_in"]))
-                else:
-                    rec = _process_chunk(job, fi, k, data, line0, in_bytes)
-                line0 += rec["lines"]
-                records.append(rec)
-    except (EOFError, OSError) as e:  # gzip.BadGzipFile is an OSError
-        raise ct.InputError(f"{path}: truncated or corrupt gzip after {k + 1} chunks ({e})") from e
+    fid, records, line0 = job.fids[fi], [], 0
+    with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as f:
+        chunks, pos = ct.iter_stream_chunks(f, s.chunk_bytes), 0
+        for k in itertools.count():
+            try:
+                data = next(chunks)
+            except StopIteration:
+                break
+            except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+                raise ct.InputError(f"{path}: truncated or corrupt gzip after {k} chunks ({e})") from e
+            in_bytes, pos = raw.tell() - pos, raw.tell()  # compressed bytes: what the bar counts
+            done = _record_path(out, job.pass_name, fid, k)
+            if done.exists():
+                rec = json.loads(done.read_text())
+                if _PROGRESS is not None:
+                    _PROGRESS.put((in_bytes, rec["rows_in"]))
+            else:
+                rec = _process_chunk(job, fi, k, data, line0, in_bytes)
+            line0 += rec["lines"]
+            records.append(rec)
     _write_json(_stream_done_path(out, job.pass_name, fid), {"chunks": len(records)})
     return records
 
@@ -873,36 +882,33 @@ def _run(out: Path, settings: Settings, fids, names, workers: Workers, strict: b
 
     if mode == "vocab":
         count = Job(str(out), "count", settings, fids, names, strict)
-        t = time.perf_counter()
-        reused["count"], done["count"] = _run_pass(count, workers, progress, "pass 1/2 count")
-        seconds["count"] = time.perf_counter() - t
+        with _phase(seconds, "count"):
+            reused["count"], done["count"] = _run_pass(count, workers, progress, "pass 1/2 count")
         count_recs = _all_records(count)
         _check_not_empty(paths, count_recs)
         vocab_done = out / WORK / "vocab.json"
-        t = time.perf_counter()
-        if not vocab_done.exists():
-            files = [r["output"] for recs in count_recs for r in recs]
-            rows = sum(r["rows"] for recs in count_recs for r in recs)
-            args = [(str(out), ci, files, rows, min_count, max_rows) for ci in range(len(SPARSE))]
-            sizes = workers.map(_merge_column, args)
-            _write_json(vocab_done, dict(zip(SPARSE, sizes)))
+        with _phase(seconds, "vocab"):
+            if not vocab_done.exists():
+                files = [r["output"] for recs in count_recs for r in recs]
+                rows = sum(r["rows"] for recs in count_recs for r in recs)
+                args = [(str(out), ci, files, rows, min_count, max_rows) for ci in range(len(SPARSE))]
+                sizes = workers.map(_merge_column, args)
+                _write_json(vocab_done, dict(zip(SPARSE, sizes)))
         cardinalities = json.loads(vocab_done.read_text())
-        seconds["vocab"] = time.perf_counter() - t
 
     encode = Job(str(out), "encode", settings, fids, names, strict)
-    t = time.perf_counter()
-    reused["encode"], done["encode"] = _run_pass(encode, workers, progress, "pass 2/2 encode" if mode == "vocab" else "encode (hash)")
-    seconds["encode"] = time.perf_counter() - t
+    with _phase(seconds, "encode"):
+        reused["encode"], done["encode"] = _run_pass(encode, workers, progress, "pass 2/2 encode" if mode == "vocab" else "encode (hash)")
     records = _all_records(encode)
     _check_not_empty(paths, records)
     if mode == "hash":
-        t = time.perf_counter()
-        files = [str(Path(WORK) / "encode" / fids[fi] / f"{k:06d}.arrow") for fi, recs in enumerate(records) for k in range(len(recs))]
-        sizes = workers.map(_hash_counts, [(str(out), ci, files, max_rows) for ci in range(len(SPARSE))])
+        with _phase(seconds, "counts"):
+            files = [str(Path(WORK) / "encode" / fids[fi] / f"{k:06d}.arrow") for fi, recs in enumerate(records) for k in range(len(recs))]
+            sizes = workers.map(_hash_counts, [(str(out), ci, files, max_rows) for ci in range(len(SPARSE))])
         cardinalities = dict(zip(SPARSE, sizes))
-        seconds["counts"] = time.perf_counter() - t
 
     # Splits, summary, meta.json (written last: its presence means the dataset is complete).
+    log.info("start finalize")
     t = time.perf_counter()
     file_rows = [sum(r["rows"] for r in recs) for recs in records]
     split_kind, plan = plan_splits(settings, file_rows)
@@ -923,7 +929,22 @@ def _run(out: Path, settings: Settings, fids, names, workers: Workers, strict: b
     meta.save(out)
     for part in sliced:
         part.unlink(missing_ok=True)
+    for tmp in (out / PARTS).glob(".*.tmp"):  # left by a crash mid-write; never referenced
+        tmp.unlink()
+    log.info("end finalize (%.1f s)", seconds["finalize"])
     return summary
+
+
+@contextmanager
+def _phase(seconds: dict, name: str):
+    """Time a phase into seconds[name]; log its start and end (the benchmark listens)."""
+    log.info("start %s", name)
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = time.perf_counter() - t
+        log.info("end %s (%.1f s)", name, seconds[name])
 
 
 def _check_not_empty(paths: list[Path], records: list[list[dict]]) -> None:
