@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -199,10 +201,13 @@ def main(argv=None) -> None:
         text = render(a.root / name, rows, max_cardinality=a.max_cardinality)
         if not a.json:
             print(f"text: {text} ({time.perf_counter() - t:.0f} s to render or find)")
-        r = measure(
-            text, a.root / "out", a.workers, mode=a.mode, max_rows=a.max_rows, min_count=a.min_count,
-            staging=not a.no_staging, chunk_bytes=int(a.chunk_mb * (1 << 20)),
+        kw = dict(
+            mode=a.mode, max_rows=a.max_rows, min_count=a.min_count, staging=not a.no_staging,
+            chunk_bytes=int(a.chunk_mb * (1 << 20)),
         )  # fmt: skip
+        # A fresh process per measurement: memory a previous run left allocated is not counted.
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+            r = ex.submit(measure, text, a.root / "out", a.workers, **kw).result()
         print(json.dumps(r)) if a.json else _print(r)
     shutil.rmtree(a.root / "out", ignore_errors=True)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -9,10 +9,11 @@ Bounded memory, restartable, parallel:
     of work: parsed, processed, written under a temporary name and renamed, then recorded in the
     manifest (.work/<pass>/<file>/<chunk>.json). A rerun skips recorded chunks, so a crash costs at
     most the chunks in flight; an output without a record is redone.
-  * vocab mode (default): pass 1 counts every categorical value per chunk; the per-chunk counts are
-    merged one column at a time into a vocabulary ordered by frequency (id 0 = missing or rarer than
-    --min-count, id 1 = most frequent); pass 2 parses again and encodes. Memory grows with the
-    vocabulary, never with the number of rows.
+  * vocab mode (default): pass 1 parses each chunk, counts every categorical value and stages the
+    parsed rows (zstd Arrow IPC; --no-staging parses the text again instead); the per-chunk counts
+    are merged one column at a time into a vocabulary ordered by frequency (id 0 = missing or
+    rarer than --min-count, id 1 = most frequent); pass 2 encodes. Memory grows with the
+    vocabulary and --chunk-mb x --workers, never with the number of rows.
   * hash mode: one pass; id = 1 + mix64(value) mod (max_rows - 1), id 0 = missing.
   * Last, the chunk outputs are assigned to train/val/test by row position (a chunk straddling a
     boundary is sliced) and meta.json is written: its presence means the dataset is complete.
@@ -39,9 +40,9 @@ import sys
 import time
 import zlib
 from collections import Counter
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
