@@ -999,6 +999,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"rows padded (stripped trailing fields): {summary['rows_padded']:,}")
     lines.append("vocabulary: " + " ".join(f"{k}={v}" for k, v in summary["vocabulary"].items()))
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))
+    lines.append("rows/s: " + ", ".join(f"{k} {v:,}" for k, v in summary["rows_per_s"].items()))
     return "\n".join(lines)
 
 
@@ -1028,7 +1029,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-days", type=_days, help="days (from day_N names, else input positions) for train, e.g. 0-22")
     p.add_argument("--val-days", type=_days, help="days for val (default: the last day; halved with test when both name it)")
     p.add_argument("--test-days", type=_days, help="days for test (default: the last day, first half)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="worker processes")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="worker processes (default: CPU count)")
     p.add_argument("--chunk-mb", type=float, default=64, help="MB of text per chunk (unit of work and of restart)")
     p.add_argument("--row-group-rows", type=int, default=65536, help="parquet row group size")
     p.add_argument("--no-staging", action="store_true",
