@@ -224,13 +224,14 @@ def test_bad_rows_are_counted_reported_and_the_rest_kept(tmp_path, chunk_bytes):
     assert meta.extra["preprocess"]["rows_skipped"] == BAD_SKIPPED  # the summary is in meta.json
 
 
-def test_strict_fails_on_the_first_bad_row_naming_file_and_line(tmp_path):
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 300])
+def test_strict_fails_on_the_first_bad_row_naming_file_and_line(tmp_path, chunk_bytes):
     with pytest.raises(ct.InputError, match=r"bad_rows\.txt:4: bad label"):
-        run([FIXTURES / "bad_rows.txt"], tmp_path / "o", strict=True, chunk_bytes=300)
+        run([FIXTURES / "bad_rows.txt"], tmp_path / "o", strict=True, chunk_bytes=chunk_bytes)
     gz = tmp_path / "bad.gz"
     gz.write_bytes(gzip.compress((FIXTURES / "bad_rows.txt").read_bytes()))
     with pytest.raises(ct.InputError, match=r"bad\.gz:4: bad label"):
-        run([gz], tmp_path / "o2", strict=True, chunk_bytes=300)
+        run([gz], tmp_path / "o2", strict=True, chunk_bytes=chunk_bytes)
 
 
 def test_unusable_input_is_one_clear_error_naming_the_file(tmp_path, capsys):

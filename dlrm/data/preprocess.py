@@ -312,10 +312,10 @@ def _process_chunk(job: Job, fi: int, k: int, data: bytes, line0: int, in_bytes:
     if len(table) + sum(parsed.skipped.values()) != parsed.lines:
         raise RuntimeError(f"{path} chunk {k}: rows do not add up ({len(table)} kept, {parsed.skipped})")
     if job.strict and parsed.skipped:
-        reason, lines = next(iter(parsed.bad_lines.items()))
+        line, reason = min((n, r) for r, lines in parsed.bad_lines.items() for n in lines)  # the first
         if line0 < 0:  # lines starting before byte k*B: the first, plus one per newline before k*B-1
             line0 = _newlines(path, k * s.chunk_bytes - 1) + 1 if k else 0
-        raise ct.InputError(f"{path}:{line0 + lines[0]}: {reason} (--strict: no row may be skipped)")
+        raise ct.InputError(f"{path}:{line0 + line}: {reason} (--strict: no row may be skipped)")
     record = {
         "lines": parsed.lines + first_line - 1,  # physical lines, the header included
         "rows_in": parsed.lines,
