@@ -340,7 +340,7 @@ def _encode_staged(job: Job, fi: int, k: int) -> dict:
     record = json.loads(_record_path(out, "count", fid, k).read_text())
     if not stage.exists():
         raise PreprocessError(f"{stage}: staged rows missing (work dir edited?); rerun with --overwrite")
-    with pa.memory_map(str(stage)) as src:
+    with pa.OSFile(str(stage)) as src:  # read into memory: safe to use after close
         table = pa.ipc.open_file(src).read_all()
     record = _emit(job, fi, k, table, {**record, "output": None})
     stage.unlink()  # its rows are in the part now; staging is the largest thing in .work
@@ -615,7 +615,7 @@ def _merge_column(out: str, ci: int, count_files: list[str], rows: int, min_coun
     pend_k, pend_c, pending = [], [], 0
     other = Counter()
     for f in count_files:
-        with pa.memory_map(str(out / f)) as src:
+        with pa.OSFile(str(out / f)) as src:  # read into memory: safe to use after close
             reader = pa.ipc.open_file(src)
             b = reader.get_batch(ci)
             pend_k.append(b.column(0).to_numpy())
@@ -672,7 +672,7 @@ def _hash_counts(out: str, ci: int, count_files: list[str], max_rows: int) -> in
     out, c = Path(out), SPARSE[ci]
     cnt = np.zeros(max_rows, np.float64)  # bincount weights are float64: exact below 2**53 rows
     for f in count_files:
-        with pa.memory_map(str(out / f)) as src:
+        with pa.OSFile(str(out / f)) as src:  # read into memory: safe to use after close
             b = pa.ipc.open_file(src).get_batch(ci)
             cnt += np.bincount(b.column(0).to_numpy().astype(np.int64), weights=b.column(2).to_numpy(), minlength=max_rows)
     (out / COUNTS).mkdir(exist_ok=True)
@@ -785,7 +785,7 @@ def _prepare_out(out: Path, settings: Settings, overwrite: bool) -> bool:
     fingerprint = {"settings": asdict(settings), "input_sizes": [Path(p).stat().st_size for p in settings.inputs]}
     meta_path, work_cfg = out / META_FILE, out / WORK / "settings.json"
     if out.exists() and any(out.iterdir()):
-        ours = meta_path.exists() or work_cfg.exists()
+        ours = work_cfg.exists() or (meta_path.exists() and "preprocess" in DatasetMeta.load(out).extra)
         if not ours:
             raise PreprocessError(f"{out}: exists, is not empty and is not a preprocessing output; choose another --out")
         if overwrite:
@@ -858,6 +858,8 @@ def preprocess(
             if str(part.relative_to(out)) not in referenced:
                 part.unlink()
         summary = meta.extra["preprocess"]
+        if not keep_work:  # a crash between meta.json and this cleanup leaves .work behind
+            shutil.rmtree(out / WORK, ignore_errors=True)
         if progress:
             print(f"{out}: already complete (same inputs and settings); nothing to do", file=sys.stderr)
         return summary
