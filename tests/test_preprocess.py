@@ -348,3 +348,19 @@ def test_worker_processes_give_the_same_output(tmp_path):
     run([tmp_path / "train.txt"], tmp_path / "one", chunk_bytes=50_000, workers=1)
     run([tmp_path / "train.txt"], tmp_path / "two", chunk_bytes=50_000, workers=2)
     _assert_same(_snapshot(tmp_path / "one"), _snapshot(tmp_path / "two"))
+
+
+def test_the_loader_reads_the_output(tmp_path):
+    """The contract with dlrm.data.loader: every row of every split comes back, ids in range."""
+    from dlrm.data.loader import ParquetLoader
+
+    label, dense, sparse = rows(700, seed=9)
+    ct.write_criteo_text(tmp_path / "train.txt", label, dense, sparse)
+    run([tmp_path / "train.txt"], tmp_path / "o", chunk_bytes=30_000)
+    meta = DatasetMeta.load(tmp_path / "o")
+    for split in ("train", "val", "test"):
+        batches = list(ParquetLoader(tmp_path / "o", split, batch_size=64, seed=0).epoch(0))
+        assert sum(len(b.labels) for b in batches) == meta.rows[split] > 0
+        for b in batches:
+            for name, ids in b.sparse.to_dict().items():
+                assert 0 <= int(ids.values().min()) and int(ids.values().max()) < meta.cardinalities[name]
