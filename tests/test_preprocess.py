@@ -180,6 +180,14 @@ def test_kaggle_split_is_the_reference_seven_parts(tmp_path):
     assert not [p for p in (tmp_path / "k" / "parts").iterdir() if str(p.relative_to(tmp_path / "k")) not in sum(meta.splits.values(), [])]
 
 
+def test_cli_runs_with_dataset_names(tmp_path, capsys):
+    out = tmp_path / "k"
+    assert pp.main([str(FIXTURES / "kaggle_small.txt"), "--out", str(out), "--dataset", "kaggle", "--quiet", "--workers", "1"]) == 0
+    assert DatasetMeta.load(out).rows == {"train": 24, "test": 2, "val": 2}  # 7 parts of 4 rows
+    assert pp.main([str(FIXTURES / "kaggle_small.txt"), "--out", str(tmp_path / "x"), "--dataset", "kaggle", "--split", "days"]) == 2
+    assert "--dataset kaggle" in capsys.readouterr().err
+
+
 def test_days_split_holds_out_the_last_day_and_obeys_day_options(tmp_path):
     for d, n in [(0, 30), (1, 20), (10, 11), (2, 40)]:  # day_10 must sort after day_2
         label, dense, sparse = rows(n, seed=d)

@@ -1018,6 +1018,9 @@ def _days(text: str) -> list[int]:
     return days
 
 
+DATASET_SPLITS = {"kaggle": "kaggle", "terabyte": "days"}  # --dataset, as in the reference DLRM
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dlrm.data.preprocess", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", help="Criteo text files: train.txt, day_0 .. day_23, plain or .gz")
@@ -1028,6 +1031,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-rows", type=int, default=0, help="table rows cap: vocab keeps the N-1 most frequent; hash: N buckets")
     p.add_argument("--split", choices=["auto", "kaggle", "days", "none"], default="auto",
                    help="auto: kaggle for one input file, days for several")  # fmt: skip
+    p.add_argument("--dataset", choices=list(DATASET_SPLITS),
+                   help="name the dataset instead of --split: kaggle = --split kaggle, terabyte = --split days")  # fmt: skip
     p.add_argument("--train-days", type=_days, help="days (from day_N names, else input positions) for train, e.g. 0-22")
     p.add_argument("--val-days", type=_days, help="days for val (default: the last day; halved with test when both name it)")
     p.add_argument("--test-days", type=_days, help="days for test (default: the last day, first half)")
@@ -1046,6 +1051,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.dataset:
+        if a.split not in ("auto", DATASET_SPLITS[a.dataset]):
+            print(f"preprocess: error: --dataset {a.dataset} splits as {DATASET_SPLITS[a.dataset]}, not --split {a.split}", file=sys.stderr)
+            return 2
+        a.split = DATASET_SPLITS[a.dataset]
     try:
         preprocess(
             a.inputs, a.out, fmt=a.format, mode=a.mode, min_count=a.min_count, max_rows=a.max_rows,
