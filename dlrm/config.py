@@ -28,8 +28,10 @@ CHECKS: dict[str, tuple[type, float | None]] = {
 CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
-    "trainer.metric": ("auc", "logloss", "ne"),
 }
+# What a sweeper may optimize: one results.json key, or a list for multi-objective search
+# (e.g. [auc, embedding_bytes] with Optuna's NSGA-II sampler).
+METRICS = ("auc", "logloss", "ne", "embedding_bytes", "compression_ratio", "step_time_ms", "samples_per_s")
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be {'a number' if kind is float else 'an integer'}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{key}={value!r} must be >= {minimum}")
+    metric = cfg.trainer.metric
+    for m in [metric] if isinstance(metric, str) else list(metric):
+        if m not in METRICS:
+            raise ConfigError(f"trainer.metric={m!r}: choose from {list(METRICS)} (or a list of them)")
     for key, choices in CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}={_get(cfg, key)!r}: choose one of {list(choices)}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 from pathlib import Path
 
 import psutil
@@ -30,15 +29,13 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def peak_rss_bytes() -> int:
-    """High-water mark of resident memory over the process's life (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class Telemetry:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
         self.writer = SummaryWriter(log_dir=str(self.out_dir))
+        # Peak RSS of *this run*, sampled at every memory probe. (The process-wide ru_maxrss would
+        # carry earlier jobs' peaks into later ones when a sweep runs jobs in one process.)
+        self.peak_rss_bytes = rss_bytes()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
@@ -49,7 +46,9 @@ class Telemetry:
         self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
 
     def memory(self, step: int, embedding_bytes: int, device: torch.device) -> None:
-        values = {"memory/rss_bytes": rss_bytes(), "memory/embedding_bytes": embedding_bytes}
+        rss = rss_bytes()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        values = {"memory/rss_bytes": rss, "memory/embedding_bytes": embedding_bytes}
         if device.type == "cuda":
             values["memory/device_allocated_bytes"] = torch.cuda.memory_allocated(device)
             values["memory/device_peak_bytes"] = torch.cuda.max_memory_allocated(device)

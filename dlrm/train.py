@@ -28,7 +28,7 @@ from dlrm.data.schema import SPARSE, DatasetMeta
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
 from dlrm.embeddings import TableSpec, build_embeddings
 from dlrm.model import DLRM, resolve_precision
-from dlrm.telemetry import Telemetry, peak_rss_bytes
+from dlrm.telemetry import Telemetry
 from dlrm.trainer import Trainer
 
 log = logging.getLogger("dlrm")
@@ -66,7 +66,10 @@ def dataset_path(data: DictConfig) -> Path:
         return ensure_dataset(spec, Path(data.root))
     path = Path(data.path)
     if not path.is_dir():
-        raise FileNotFoundError(f"data.path={path}: no such directory")
+        raise FileNotFoundError(
+            f"data.path={path}: no such directory (preprocess Criteo text into it with "
+            "python -m dlrm.data.preprocess; see docs/data.md)"
+        )
     return path
 
 
@@ -115,6 +118,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
     emb_bytes, full_bytes = embeddings.embedding_bytes(), embeddings.full_bytes()
     state = trainer.state
+    tele.memory(state.step, emb_bytes, device)  # a last probe after the final eval
     results = {
         "backend": cfg.emb.name,
         **metrics,
@@ -124,7 +128,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "embedding_bytes": emb_bytes,
         "full_embedding_bytes": full_bytes,
         "compression_ratio": full_bytes / emb_bytes,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": tele.peak_rss_bytes,
         "wall_s": time.time() - t_start,
         **embeddings.stats(),
     }
@@ -180,15 +184,26 @@ def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         results = run(cfg, out_dir)
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
-        # One clear line for the user; Hydra's multirun still records the failure in the job log.
-        log.error("%s", e)
+    except Exception as e:
         if HydraConfig.get().mode.name == "MULTIRUN":
+            # Into the job's log, where `dlrm.report` finds why the run failed; then let the
+            # sweeper see the failure.
+            log.exception("run failed: %s", e)
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, (ConfigError, FileNotFoundError, ValueError, FloatingPointError)):
+            raise  # a bug: keep the traceback
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)  # one clear line for bad input
         sys.exit(2)
     print(summary(results, out_dir))
-    return results[cfg.trainer.metric]
+    return sweep_metric(results, cfg.trainer.metric)
+
+
+def sweep_metric(results: dict, metric) -> float | tuple[float, ...]:
+    """What the sweeper optimizes: one value, or a tuple for multi-objective search."""
+    if isinstance(metric, str):
+        return float(results[metric])
+    return tuple(float(results[m]) for m in metric)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,43 @@
+"""Loader throughput: rows/s of ParquetLoader over a dataset, with nothing else running.
+
+    python scripts/bench_loader.py                        # the default synthetic dataset
+    python scripts/bench_loader.py --path DIR --split train --batch-size 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dlrm.data.loader import ParquetLoader
+from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", type=Path, help="dataset dir (default: the default synthetic dataset)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=2, help="the first is a warm-up (imports, page cache)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    path = args.path or ensure_dataset(SyntheticSpec(), Path("data"))
+    loader = ParquetLoader(path, args.split, args.batch_size, seed=0)
+    rates = []
+    for epoch in range(args.epochs):
+        t0, rows = time.perf_counter(), 0
+        for batch in loader.epoch(epoch):
+            rows += len(batch)
+        rates.append(rows / (time.perf_counter() - t0))
+    result = {"path": str(path), "rows": rows, "batch_size": args.batch_size, "rows_per_s": round(max(rates[1:] or rates))}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
