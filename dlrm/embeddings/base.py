@@ -92,16 +92,21 @@ def check_ids_in_range(features: KeyedJaggedTensor, tables: list[TableSpec]) -> 
     fbgemm's own bounds check either clamps silently or aborts the process; this names the
     culprit instead. One segment max over the batch: cheap next to the lookup itself.
     """
-    rows = torch.tensor([t.rows for t in tables for _ in t.features])
     lengths = features.length_per_key()
     values = features.values()
     if values.numel() == 0:
         return
-    key_of_value = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    top = torch.full((len(lengths),), -1, dtype=values.dtype).scatter_reduce(
+    device = values.device
+    rows = torch.tensor([t.rows for t in tables for _ in t.features], device=device)
+    key_of_value = torch.repeat_interleave(
+        torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+    )
+    top = torch.full((len(lengths),), -1, dtype=values.dtype, device=device).scatter_reduce(
         0, key_of_value, values, reduce="amax"
     )
-    low = torch.full((len(lengths),), torch.iinfo(values.dtype).max, dtype=values.dtype).scatter_reduce(
+    low = torch.full(
+        (len(lengths),), torch.iinfo(values.dtype).max, dtype=values.dtype, device=device
+    ).scatter_reduce(
         0, key_of_value, values, reduce="amin"
     )
     bad = ((top >= rows) | (low < 0)).nonzero()
