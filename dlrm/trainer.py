@@ -98,6 +98,13 @@ class Trainer:
                     break
             else:
                 state.epoch += 1
+                if state.epoch == 1 and state.step < cfg.max_steps:
+                    log.warning(
+                        "epoch 2 starts at step %d of %d: CTR models overfit sharply once rows repeat "
+                        "(eval logloss can get worse than at the end of epoch 1); consider more "
+                        "data rows or fewer steps",
+                        state.step, cfg.max_steps,
+                    )
         bar.close()
         return self.evaluate()
 

@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -62,7 +63,7 @@ DENSE_MISSING = np.array([0.45, 0.0, 0.2, 0.2, 0.03, 0.22, 0.04, 0.0, 0.04, 0.45
 class SyntheticSpec:
     """Every setting that changes the generated data (and so the dataset's directory name)."""
 
-    rows: int = 2_000_000
+    rows: int = 2_097_152
     eval_rows: int = 200_000
     max_cardinality: int = 0  # 0 = Criteo Kaggle sizes
     seed: int = 0
@@ -268,12 +269,18 @@ def ensure_dataset(spec: SyntheticSpec, root: Path) -> Path:
     path = Path(root) / f"synthetic-{spec.fingerprint()}"
     if (path / "meta.json").is_file():
         return path
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "train").mkdir(parents=True)
-    (tmp / "eval").mkdir()
-    log.info("generating synthetic dataset (%d + %d rows) into %s", spec.rows, spec.eval_rows, path)
-    meta = generate(spec, tmp)
-    meta.save(tmp)
-    tmp.rename(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Parallel sweep jobs may all ask for the same dataset: one generates, the others wait.
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "meta.json").is_file():
+            return path
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "train").mkdir(parents=True)
+        (tmp / "eval").mkdir()
+        log.info("generating synthetic dataset (%d + %d rows) into %s", spec.rows, spec.eval_rows, path)
+        meta = generate(spec, tmp)
+        meta.save(tmp)
+        tmp.rename(path)
     return path
