@@ -139,12 +139,14 @@ def test_host_bytes_include_the_host_table():
 def test_batches_larger_than_the_cache_grow_it_and_stay_exact(tmp_path):
     torch.manual_seed(1)
     full = FullEmbeddings(TABLES, emb_cfg(name="full"), ADAGRAD, CPU)
-    cached = CachedEmbeddings(TABLES, emb_cfg(cache_rows=5, policy="lru"), ADAGRAD, CPU)
+    cached = CachedEmbeddings(TABLES, emb_cfg(cache_rows=5, policy="lru", shrink_after=2), ADAGRAD, CPU)
     for t, w in zip(TABLES, full.tbe.split_embedding_weights()):
         cached.load_weights(t.name, w)
-    data = DATA[:8] + batches(4, 2, seed=5, multi_hot=1) + DATA[8:12]  # tiny batches fit: shrink back
+    tiny = batches(6, 1, seed=5, multi_hot=1)  # 1-2 ids per table: fit in 5 rows, so it shrinks back
+    data = DATA[:8] + tiny[:3] + DATA[8:12] + tiny[3:]
     np.testing.assert_allclose(train(cached, data), train(full, data), rtol=0, atol=1e-6)
     assert cached.stats()["cache_grows"] >= 2
+    assert {c.capacity for c in cached.caches.values()} == {5}  # shrank back after the tiny batches
     for t, w in zip(TABLES, full.tbe.split_embedding_weights()):
         torch.testing.assert_close(cached.cold_rows(t.name)[0], w.detach(), rtol=0, atol=1e-6)
 
@@ -251,3 +253,15 @@ def test_bad_input(tmp_path):
     )
     with pytest.raises(ValueError, match=r"feature C: ids must be in \[0, 30000\)"):
         emb(bad)
+
+
+def test_trainer_runs_cached_on_disk_and_reports_stats(compose_cfg, tiny_dataset, tmp_path):
+    from dlrm.train import run
+
+    store = tmp_path / "store"
+    cfg = compose_cfg("emb=cached", "emb.store=disk", f"emb.path={store}", "emb.min_rows=1000",
+                      "trainer.max_steps=12")  # fmt: skip
+    results = run(cfg, tmp_path / "out")
+    assert results["backend"] == "cached" and results["steps"] == 12
+    assert 0 < results["cache_hit_rate"] < 1 and results["cache_evictions_per_step"] > 0
+    assert (store / "store.json").exists() and list(store.glob("t_*.weights.f32"))

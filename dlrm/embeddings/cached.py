@@ -17,8 +17,10 @@ it at a 1% cache): no update is lost. `flush()` writes every cached row back; it
 (atexit) and whenever the cold store must be read (`cold_rows`).
 
 A batch whose distinct ids of a table exceed its cache is never an error: the cache grows to
-that batch's size for that batch (everything is written back and the TBE rebuilt) and shrinks
-back to `cache_rows` at the next batch that fits. `stats()["cache_grows"]` counts these.
+that batch's size (everything is written back, the TBE rebuilt and the cached rows reloaded)
+and shrinks back to `cache_rows` after `emb.shrink_after` batches in a row that fit (growing
+and shrinking every other batch would cost a full flush each time). `stats()["cache_grows"]`
+counts the grows; the first one logs a warning.
 
 Stores (`emb.store`), see cache_store.py:
 - `host`: full table + state in host memory; hot rows in the device's memory (on CPU the cache
@@ -174,6 +176,8 @@ class CachedEmbeddings(EmbeddingBackend):
             self.store = None
             self._init_tt(cfg, optim, device)
         self.tt_populate_step = int(cfg.get("tt_populate_step", 100))
+        self.shrink_after = int(cfg.get("shrink_after", 100))
+        self._fit_streak = 0
         self._tt_counts: dict[str, torch.Tensor] = {}
         self._tt_filled = False
         self._build_tbe({t.name: self.base_caps[t.name] for t in self.tables})
@@ -329,6 +333,7 @@ class CachedEmbeddings(EmbeddingBackend):
                     if state is not None:
                         self.store.state[t.name][ids] = state[dev_slots].cpu()
         self.store.flush()
+        self._flushed_clean = True  # the next forward marks a disk store dirty again
 
     def load_weights(self, name: str, weights: torch.Tensor) -> None:
         """Replace table `name`'s weights (all rows) in the cold store and in the cache.
@@ -416,13 +421,21 @@ class CachedEmbeddings(EmbeddingBackend):
             key += n
         if self.store_kind == "tt":
             return self._forward_tt(features, per_table)
-        need = {t.name: max(self.base_caps[t.name], len(u)) for t, (u, _, _) in zip(self.tables, per_table)}
         current = {t.name: self.caches[t.name].capacity for t in self.tables}
-        if need != current:
-            if any(need[n] > current[n] for n in need):
-                self._grows += 1
-                log.warning("emb=cached: a batch needs %s cache rows (cache %s): growing for it", need, current)
-            self._resize(need)
+        distinct = {t.name: len(u) for t, (u, _, _) in zip(self.tables, per_table)}
+        fits = all(distinct[n] <= self.base_caps[n] for n in distinct)
+        self._fit_streak = self._fit_streak + 1 if fits else 0
+        if any(distinct[n] > current[n] for n in distinct):
+            self._grows += 1
+            if self._grows == 1:
+                log.warning(
+                    "emb=cached: a batch has %s distinct ids per table, more than the cache %s: "
+                    "growing the cache (set emb.cache_rows above the distinct ids per batch to "
+                    "avoid this)", distinct, current,
+                )
+            self._resize({n: max(current[n], distinct[n]) for n in current})
+        elif current != self.base_caps and self._fit_streak >= self.shrink_after:
+            self._resize(dict(self.base_caps))
         if self.store_kind == "disk" and self._flushed_clean:
             self.store.mark_dirty()
             self._flushed_clean = False
