@@ -250,15 +250,21 @@ class CachedEmbeddings(EmbeddingBackend):
         self.tbe = fused_tables(specs, self.optim, pooling, self.device)
         for t in self.tables:
             self.caches[t.name].reset(caps[t.name])
+        # Views into the TBE's storage (writes land in the table), made once: fbgemm builds
+        # them in Python on every call (~0.1 ms each, several per table per step).
+        with torch.no_grad():
+            self._w_views = [w.detach() for w in self.tbe.split_embedding_weights()]
+            states = self.tbe.split_optimizer_states()
+            self._s_views = [
+                states[i][0].detach().view(caps[t.name], -1) if states else None
+                for i, t in enumerate(self.tables)
+            ]
 
     def _weights(self, i: int) -> torch.Tensor:
-        return self.tbe.split_embedding_weights()[i]
+        return self._w_views[i]
 
     def _state(self, i: int) -> torch.Tensor | None:
-        states = self.tbe.split_optimizer_states()
-        if not states:
-            return None
-        return states[i][0].view(self._weights(i).shape[0], -1)
+        return self._s_views[i]
 
     # ------------------------------------------------------------------ moving rows
 
@@ -270,19 +276,19 @@ class CachedEmbeddings(EmbeddingBackend):
                 w = tt_rows(list(self.tt.cores[t.name]), self.tt.shapes[t.name], ids.to(self.device))
             return w, None
         self._bytes_moved += len(ids) * (t.dim + self.state_width) * FP32_BYTES
-        return self.store.weights[t.name][ids], self.store.state[t.name][ids]
+        return self.store.weights[t.name].index_select(0, ids), self.store.state[t.name].index_select(0, ids)
 
     def _load(self, i: int, t: TableSpec, ids: torch.Tensor, slots: torch.Tensor) -> None:
         w, s = self._cold_read(i, t, ids)
         dev_slots = slots.to(self.device)
         with torch.no_grad():
-            self._weights(i)[dev_slots] = w.to(self.device)
+            self._weights(i).index_copy_(0, dev_slots, w.to(self.device))
             state = self._state(i)
             if state is not None:
                 if s is None:
-                    state[dev_slots] = 0.0
+                    state.index_fill_(0, dev_slots, 0.0)
                 else:
-                    state[dev_slots] = s.to(self.device)
+                    state.index_copy_(0, dev_slots, s.to(self.device))
         c = self.caches[t.name]
         c.slot_of[ids] = slots.to(torch.int32)
         c.id_of[slots] = ids
@@ -293,10 +299,10 @@ class CachedEmbeddings(EmbeddingBackend):
         if self.store_kind != "tt":  # TT-Rec semantics: cached rows never go back to the cores
             dev_slots = slots.to(self.device)
             with torch.no_grad():
-                self.store.weights[t.name][ids] = self._weights(i)[dev_slots].cpu()
+                self.store.weights[t.name].index_copy_(0, ids, self._weights(i).index_select(0, dev_slots).cpu())
                 state = self._state(i)
                 if state is not None:
-                    self.store.state[t.name][ids] = state[dev_slots].cpu()
+                    self.store.state[t.name].index_copy_(0, ids, state.index_select(0, dev_slots).cpu())
             self._bytes_moved += len(ids) * (t.dim + self.state_width) * FP32_BYTES
         c.slot_of[ids] = -1
         c.id_of[slots] = -1
