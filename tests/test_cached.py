@@ -265,3 +265,22 @@ def test_trainer_runs_cached_on_disk_and_reports_stats(compose_cfg, tiny_dataset
     assert results["backend"] == "cached" and results["steps"] == 12
     assert 0 < results["cache_hit_rate"] < 1 and results["cache_evictions_per_step"] > 0
     assert (store / "store.json").exists() and list(store.glob("t_*.weights.f32"))
+
+
+def test_disk_store_starts_sparse_with_a_deterministic_init(tmp_path):
+    from dlrm.embeddings.cache_store import hash_init
+
+    table = [TableSpec("t_Z", rows=50_000, dim=8, features=("Z",))]
+    emb = CachedEmbeddings(table, emb_cfg(store="disk", path=str(tmp_path), warm_start="ids"), ADAGRAD, CPU)
+    # Prefilled rows came from the (lazy) init: U(-1/sqrt(rows), 1/sqrt(rows)), mean ~0.
+    w = emb.tbe.split_embedding_weights()[0].detach()
+    torch.testing.assert_close(w, hash_init(0, torch.arange(500), 8, 50_000))
+    bound = 1 / 50_000**0.5
+    assert w.abs().max() <= bound and w.std() == pytest.approx(bound / 3**0.5, rel=0.05)
+    assert not torch.equal(hash_init(1, torch.arange(500), 8, 50_000), w)  # per table
+    # Nothing written yet; after a flush, rows read back from the files equal the cache's.
+    assert (tmp_path / "t_Z.init.u8").read_bytes().count(1) == 0
+    emb.flush()
+    on_disk, _ = read_disk_table(tmp_path, "t_Z")
+    np.testing.assert_array_equal(on_disk[:500], w.numpy())
+    np.testing.assert_array_equal(on_disk[49_990:], hash_init(0, torch.arange(49_990, 50_000), 8, 50_000).numpy())

@@ -7,7 +7,11 @@ cache reads and writes rows with the same `index_select` / indexed assignment; f
 those tensors are views of `numpy.memmap`s, so only the pages touched stay resident.
 
 Disk layout under `emb.path`: `<table>.weights.f32`, `<table>.state.f32` (raw little-endian fp32,
-row-major) and `store.json`, rewritten by temp file + rename. `store.json` says `"clean": true`
+row-major), `<table>.init.u8` (1 once a row was written) and `store.json`, rewritten by temp file
++ rename. The files start sparse and are never swept: a row that was never written reads as its
+init, U(-1/sqrt(rows), 1/sqrt(rows)) from a counter-based hash of (table, id, column) (`hash_init`),
+so building a 200M-row store costs nothing and only touched pages reach the disk. Those values
+are not torch's RNG stream (full.py's), only the same distribution; `load_weights` replaces them. `store.json` says `"clean": true`
 only after `flush()` wrote every cached row back and synced the maps; a store whose manifest says
 `"clean": false` was left by a run that did not finish flushing.
 """
@@ -36,6 +40,20 @@ def init_uniform_(t: torch.Tensor, rows: int) -> None:
         t[start : start + INIT_CHUNK_ROWS].uniform_(-bound, bound)
 
 
+def hash_init(table_index: int, ids: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
+    """Deterministic U(-1/sqrt(rows), 1/sqrt(rows)) rows for `ids`: splitmix64 of the element index."""
+    offset = ((table_index + 1) * 0x9E3779B97F4A7C15) % 2**64
+    offset = offset - 2**64 if offset >= 2**63 else offset  # as int64
+    x = ids.to(torch.int64).unsqueeze(1) * dim + torch.arange(dim) + offset
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64 (wraps, as intended)
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    x = x * -7723592293110705685  # 0x94D049BB133111EB as int64
+    x = x ^ ((x >> 29) & ((1 << 35) - 1))
+    unit = ((x >> 11) & ((1 << 24) - 1)).to(torch.float64) / (1 << 24)  # [0, 1)
+    bound = 1.0 / math.sqrt(rows)
+    return ((2 * unit - 1) * bound).to(torch.float32)
+
+
 class HostStore:
     """Full tables plus optimizer state as ordinary tensors in host memory."""
 
@@ -48,6 +66,14 @@ class HostStore:
             self.weights[t.name] = torch.empty(t.rows, t.dim)
             init_uniform_(self.weights[t.name], t.rows)
             self.state[t.name] = torch.zeros(t.rows, state_width)
+
+    def read(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weights[name].index_select(0, ids), self.state[name].index_select(0, ids)
+
+    def write(self, name: str, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> None:
+        self.weights[name].index_copy_(0, ids, w)
+        if s is not None:
+            self.state[name].index_copy_(0, ids, s)
 
     def resident_bytes(self) -> int:
         return sum(
@@ -93,14 +119,33 @@ class DiskStore:
         self._maps: list[np.memmap] = []
         self.weights: dict[str, torch.Tensor] = {}
         self.state: dict[str, torch.Tensor] = {}
+        self.written: dict[str, torch.Tensor] = {}
+        self.index = {t.name: i for i, t in enumerate(tables)}
+        self.spec = {t.name: t for t in tables}
         self._write_manifest(clean=False)
         for t in tables:
-            w = self._open(self.weights_file(t.name), (t.rows, t.dim))
-            init_uniform_(w, t.rows)
-            self.weights[t.name] = w
+            # mode w+ creates zero-filled sparse files: Adagrad state starts at 0, no row written.
+            self.weights[t.name] = self._open(self.weights_file(t.name), (t.rows, t.dim))
             s = self._open(self.state_file(t.name), (t.rows, max(state_width, 1)))
-            # mode w+ creates a zero-filled (sparse) file: Adagrad state starts at 0.
             self.state[t.name] = s[:, :state_width]
+            self.written[t.name] = self._open(self.init_file(t.name), (t.rows,), np.uint8)
+
+    def read(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weights[name].index_select(0, ids)
+        fresh = (self.written[name].index_select(0, ids) == 0).nonzero().flatten()
+        if len(fresh):
+            t = self.spec[name]
+            w[fresh] = hash_init(self.index[name], ids[fresh], t.dim, t.rows)
+        return w, self.state[name].index_select(0, ids)
+
+    def write(self, name: str, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> None:
+        self.weights[name].index_copy_(0, ids, w)
+        if s is not None:
+            self.state[name].index_copy_(0, ids, s)
+        self.written[name].index_fill_(0, ids, 1)
+
+    def init_file(self, name: str) -> Path:
+        return self.path / f"{name}.init.u8"
 
     def weights_file(self, name: str) -> Path:
         return self.path / f"{name}.weights.f32"
@@ -108,8 +153,8 @@ class DiskStore:
     def state_file(self, name: str) -> Path:
         return self.path / f"{name}.state.f32"
 
-    def _open(self, file: Path, shape: tuple[int, int]) -> torch.Tensor:
-        mm = np.memmap(file, dtype=np.float32, mode="w+", shape=shape)
+    def _open(self, file: Path, shape: tuple[int, ...], dtype=np.float32) -> torch.Tensor:
+        mm = np.memmap(file, dtype=dtype, mode="w+", shape=shape)
         self._maps.append(mm)
         return torch.from_numpy(mm)
 
@@ -140,13 +185,20 @@ class DiskStore:
 
 
 def read_disk_table(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(weights, state) of table `name` from a flushed disk store, read-only memmaps."""
+    """(weights, state) of table `name` from a flushed disk store, fresh from its files.
+
+    Rows never written read as their init (`hash_init`), as the store itself reads them.
+    """
     path = Path(path)
     manifest = json.loads((path / "store.json").read_text())
     if not manifest["clean"]:
         raise ValueError(f"{path}: store.json says the store was not flushed")
     t = manifest["tables"][name]
     width = manifest["state_width"]
-    w = np.memmap(path / f"{name}.weights.f32", np.float32, "r", shape=(t["rows"], t["dim"]))
+    w = np.array(np.memmap(path / f"{name}.weights.f32", np.float32, "r", shape=(t["rows"], t["dim"])))
     s = np.memmap(path / f"{name}.state.f32", np.float32, "r", shape=(t["rows"], max(width, 1)))
+    written = np.memmap(path / f"{name}.init.u8", np.uint8, "r", shape=(t["rows"],))
+    fresh = np.flatnonzero(written == 0)
+    index = list(manifest["tables"]).index(name)
+    w[fresh] = hash_init(index, torch.from_numpy(fresh), t["dim"], t["rows"]).numpy()
     return w, s[:, :width]

@@ -276,7 +276,7 @@ class CachedEmbeddings(EmbeddingBackend):
                 w = tt_rows(list(self.tt.cores[t.name]), self.tt.shapes[t.name], ids.to(self.device))
             return w, None
         self._bytes_moved += len(ids) * (t.dim + self.state_width) * FP32_BYTES
-        return self.store.weights[t.name].index_select(0, ids), self.store.state[t.name].index_select(0, ids)
+        return self.store.read(t.name, ids)
 
     def _load(self, i: int, t: TableSpec, ids: torch.Tensor, slots: torch.Tensor) -> None:
         w, s = self._cold_read(i, t, ids)
@@ -297,15 +297,19 @@ class CachedEmbeddings(EmbeddingBackend):
         c = self.caches[t.name]
         ids = c.id_of[slots]
         if self.store_kind != "tt":  # TT-Rec semantics: cached rows never go back to the cores
-            dev_slots = slots.to(self.device)
-            with torch.no_grad():
-                self.store.weights[t.name].index_copy_(0, ids, self._weights(i).index_select(0, dev_slots).cpu())
-                state = self._state(i)
-                if state is not None:
-                    self.store.state[t.name].index_copy_(0, ids, state.index_select(0, dev_slots).cpu())
+            self._store_rows(i, t, ids, slots)
             self._bytes_moved += len(ids) * (t.dim + self.state_width) * FP32_BYTES
         c.slot_of[ids] = -1
         c.id_of[slots] = -1
+
+    def _store_rows(self, i: int, t: TableSpec, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write the cached rows in `slots` (ids `ids`) and their optimizer state to the store."""
+        dev_slots = slots.to(self.device)
+        with torch.no_grad():
+            w = self._weights(i).index_select(0, dev_slots).cpu()
+            state = self._state(i)
+            s = state.index_select(0, dev_slots).cpu() if state is not None else None
+        self.store.write(t.name, ids, w, s)
 
     def _prefill(self, ranking: dict[str, torch.Tensor]) -> None:
         for i, t in enumerate(self.tables):
@@ -331,13 +335,7 @@ class CachedEmbeddings(EmbeddingBackend):
             c = self.caches[t.name]
             slots = (c.id_of >= 0).nonzero().flatten()
             if len(slots):
-                ids = c.id_of[slots]
-                dev_slots = slots.to(self.device)
-                with torch.no_grad():
-                    self.store.weights[t.name][ids] = self._weights(i)[dev_slots].cpu()
-                    state = self._state(i)
-                    if state is not None:
-                        self.store.state[t.name][ids] = state[dev_slots].cpu()
+                self._store_rows(i, t, c.id_of[slots], slots)
         self.store.flush()
         self._flushed_clean = True  # the next forward marks a disk store dirty again
 
@@ -351,15 +349,15 @@ class CachedEmbeddings(EmbeddingBackend):
             raise ValueError("emb.store=tt has no row store to load weights into")
         i = [t.name for t in self.tables].index(name)
         with torch.no_grad():
-            self.store.weights[name][:] = weights.detach().cpu()
+            self.store.write(name, torch.arange(weights.shape[0]), weights.detach().cpu(), None)
             c = self.caches[name]
             slots = (c.id_of >= 0).nonzero().flatten()
             self._weights(i)[slots.to(self.device)] = self.store.weights[name][c.id_of[slots]].to(self.device)
 
     def cold_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights, state) of table `name` as the cold store holds them, after a flush."""
+        """(weights, state) of all rows of table `name` as the cold store holds them, after a flush."""
         self.flush()
-        return self.store.weights[name], self.store.state[name]
+        return self.store.read(name, torch.arange(self.store.weights[name].shape[0]))
 
     # ------------------------------------------------------------------ forward
 
