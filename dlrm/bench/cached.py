@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
 import shutil
 import statistics
 import tempfile
@@ -40,15 +39,15 @@ from dlrm.embeddings import TableSpec, build_embeddings
 SPREAD = 2654435761  # odd multiplier: a bijection of [0, rows) when gcd(SPREAD, rows) == 1
 
 
-def zipf_ids(rows: int, n: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+def zipf_ids(rows: int, n: int, alpha: float, rng: np.random.Generator, spread: bool = True) -> np.ndarray:
     ranks = (rng.zipf(alpha, size=n) - 1) % rows
-    return (ranks * SPREAD) % rows
+    return (ranks * SPREAD) % rows if spread else ranks
 
 
-def make_batches(tables, batch_size, n, alpha, rng) -> list[KeyedJaggedTensor]:
+def make_batches(tables, batch_size, n, alpha, rng, spread=True) -> list[KeyedJaggedTensor]:
     out = []
     for _ in range(n):
-        values = [torch.from_numpy(zipf_ids(t.rows, batch_size, alpha, rng)) for t in tables]
+        values = [torch.from_numpy(zipf_ids(t.rows, batch_size, alpha, rng, spread)) for t in tables]
         out.append(
             KeyedJaggedTensor.from_lengths_sync(
                 keys=[f for t in tables for f in t.features],
@@ -59,22 +58,32 @@ def make_batches(tables, batch_size, n, alpha, rng) -> list[KeyedJaggedTensor]:
     return out
 
 
-def write_counts(tables, alpha, samples, rng, where: Path) -> None:
+def write_counts(tables, alpha, samples, rng, where: Path) -> float:
+    """Warm-start counts per table; returns the share of the sample the top 1% of ids take."""
     where.mkdir(parents=True, exist_ok=True)
+    top = []
     for t in tables:
         counts = np.bincount(zipf_ids(t.rows, samples, alpha, rng), minlength=t.rows)
         np.save(where / f"{t.features[0]}.npy", counts.astype(np.int64))
+        k = max(1, t.rows // 100)
+        top.append(np.partition(counts, t.rows - k)[t.rows - k :].sum() / samples)
+    return float(np.mean(top))
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def rss_kinds() -> dict[str, int]:
+    """RssAnon and RssFile of this process, bytes (file pages = reclaimable page cache)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
 
 
 def bench(tables, cfg, batches, steps, warmup, dim) -> dict:
     optim = OmegaConf.create({"name": "rowwise_adagrad", "lr": 0.1, "eps": 1e-8})
     gc.collect()
-    rss0 = rss_bytes()
+    rss0 = rss_kinds()
     t0 = time.perf_counter()
     emb = build_embeddings(tables, cfg, optim, torch.device("cpu"))
     build_s = time.perf_counter() - t0
@@ -98,7 +107,8 @@ def bench(tables, cfg, batches, steps, warmup, dim) -> dict:
         "moved_mib": stats.get("cache_bytes_moved_per_step", 0.0) / 2**20,
         "emb_mib": emb.embedding_bytes() / 2**20,
         "full_mib": emb.full_bytes() / 2**20,
-        "rss_mib": (rss_bytes() - rss0) / 2**20,
+        "anon_mib": (rss_kinds()["RssAnon"] - rss0["RssAnon"]) / 2**20,
+        "file_mib": (rss_kinds()["RssFile"] - rss0["RssFile"]) / 2**20,
         "build_s": build_s,
         "flush_s": flush_s,
     }
@@ -125,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--disk-rows", type=int, default=0, help="also bench one table of this many rows on disk")
     p.add_argument("--disk-full", action="store_true", help="and emb=full on that table (needs the RAM)")
     p.add_argument("--only-disk", action="store_true", help="skip the Kaggle-shaped settings")
+    p.add_argument("--disk-warm", choices=("counts", "ids"), default="counts",
+                   help="big table: warm start from sampled counts (ids scattered) or ids (ids = ranks; "
+                        "saves the rows * 8-byte counts array)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -147,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
                 for f, r in zip(SPARSE, KAGGLE_CARDINALITIES)
             ]
             big = [t for t in tables if t.rows >= args.min_rows]
-            write_counts(big, args.alpha, args.count_samples, rng, root / "counts")
+            top1 = write_counts(big, args.alpha, args.count_samples, rng, root / "counts")
+            print(f"Kaggle-shaped: the top 1% of ids take {top1:.3f} of a {args.count_samples:,}-id sample "
+                  "(mean over the cached tables)")
             batches = make_batches(tables, args.batch_size, args.batches, args.alpha, rng)
             full_cfg = OmegaConf.create({"name": "full", "dim": args.dim, "pooling": "sum", "check_ids": True})
             settings = [("full", full_cfg)] + [
@@ -159,9 +174,13 @@ def main(argv: list[str] | None = None) -> None:
                 rows_out.append({"setting": label, "tables": f"26 Kaggle, cap {args.max_rows:,}", **r})
         if args.disk_rows:
             one = [TableSpec("t_big", rows=args.disk_rows, dim=args.dim, features=("big",))]
-            write_counts(one, args.alpha, args.count_samples, rng, root / "counts_big")
-            batches = make_batches(one, args.batch_size, args.batches, args.alpha, rng)
-            settings = [("cached disk", cached_cfg("disk", root / "counts_big", 1, "big"))]
+            spread = args.disk_warm == "counts"
+            if spread:
+                write_counts(one, args.alpha, args.count_samples, rng, root / "counts_big")
+            batches = make_batches(one, args.batch_size, args.batches, args.alpha, rng, spread)
+            big_cfg = cached_cfg("disk", root / "counts_big", 1, "big")
+            big_cfg.warm_start = args.disk_warm
+            settings = [("cached disk", big_cfg)]
             if args.disk_full:
                 settings.insert(0, ("full", OmegaConf.create({"name": "full", "dim": args.dim, "pooling": "sum"})))
             for label, cfg in settings:
@@ -175,12 +194,12 @@ def main(argv: list[str] | None = None) -> None:
           f"cache_fraction={args.cache_fraction} policy={args.policy} warmup={args.warmup} "
           f"steps={args.steps} batches={args.batches}\n")
     print("| setting | tables | step ms | hit rate | evictions/step | MiB moved/step | "
-          "embedding MiB (resident) | full MiB | RSS growth MiB | build s | flush s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "embedding MiB (resident) | full MiB | RSS anon growth MiB | RSS file growth MiB | build s | flush s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:
         print(f"| {r['setting']} | {r['tables']} | {r['step_ms']:.2f} | {r['hit_rate']:.3f} | "
               f"{r['evictions']:.0f} | {r['moved_mib']:.2f} | {r['emb_mib']:.1f} | {r['full_mib']:.1f} | "
-              f"{r['rss_mib']:.0f} | {r['build_s']:.1f} | {r['flush_s']:.2f} |")
+              f"{r['anon_mib']:.0f} | {r['file_mib']:.0f} | {r['build_s']:.1f} | {r['flush_s']:.2f} |")
 
 
 if __name__ == "__main__":
