@@ -78,12 +78,15 @@ def train(emb, data) -> list[float]:
 DATA = batches(50, 32)
 
 
-@pytest.mark.parametrize("store,policy", [("host", "lfu"), ("host", "lru"), ("disk", "lfu"), ("disk", "lru")])
-def test_training_equals_full_with_a_one_percent_cache(store, policy, tmp_path):
+@pytest.mark.parametrize(
+    "store,policy,sample", [("host", "lfu", 16), ("host", "lru", 0), ("disk", "lfu", 0), ("disk", "lru", 16)]
+)
+def test_training_equals_full_with_a_one_percent_cache(store, policy, sample, tmp_path):
     torch.manual_seed(1)
     full = FullEmbeddings(TABLES, emb_cfg(name="full"), ADAGRAD, CPU)
     cached = CachedEmbeddings(
-        TABLES, emb_cfg(store=store, policy=policy, path=str(tmp_path / "store")), ADAGRAD, CPU
+        TABLES, emb_cfg(store=store, policy=policy, evict_sample=sample, path=str(tmp_path / "store")),
+        ADAGRAD, CPU,
     )
     assert {n: c.capacity for n, c in cached.caches.items()} == {"t_A": 200, "t_B": 120, "t_C": 300}
     for t, w in zip(TABLES, full.tbe.split_embedding_weights()):
