@@ -119,8 +119,7 @@ def test_disk_store_uses_its_files(tmp_path):
     cached.flush()
     assert json.loads((tmp_path / "store.json").read_text())["clean"] is True
     for t, w in zip(TABLES, full.tbe.split_embedding_weights()):
-        assert (tmp_path / f"{t.name}.weights.f32").stat().st_size == t.rows * t.dim * 4
-        assert (tmp_path / f"{t.name}.state.f32").stat().st_size == t.rows * 4
+        assert (tmp_path / f"{t.name}.rows.f32").stat().st_size == t.rows * (t.dim + 1) * 4
         on_disk, state = read_disk_table(tmp_path, t.name)  # a fresh read of the files
         np.testing.assert_allclose(on_disk, w.detach().numpy(), rtol=0, atol=1e-6)
         assert (np.asarray(state) > 0).any()
@@ -267,7 +266,7 @@ def test_trainer_runs_cached_on_disk_and_reports_stats(compose_cfg, tiny_dataset
     results = run(cfg, tmp_path / "out")
     assert results["backend"] == "cached" and results["steps"] == 12
     assert 0 < results["cache_hit_rate"] < 1 and results["cache_evictions_per_step"] > 0
-    assert (store / "store.json").exists() and list(store.glob("t_*.weights.f32"))
+    assert (store / "store.json").exists() and list(store.glob("t_*.rows.f32"))
 
 
 def test_disk_store_starts_sparse_with_a_deterministic_init(tmp_path):

@@ -6,8 +6,9 @@ row-wise Adagrad, dim for Adagrad, 0 for SGD). Both stores expose them as CPU te
 cache reads and writes rows with the same `index_select` / indexed assignment; for the disk store
 those tensors are views of `numpy.memmap`s, so only the pages touched stay resident.
 
-Disk layout under `emb.path`: `<table>.weights.f32`, `<table>.state.f32` (raw little-endian fp32,
-row-major), `<table>.init.u8` (1 once a row was written) and `store.json`, rewritten by temp file
+Disk layout under `emb.path`: `<table>.rows.f32`, raw little-endian fp32 `[rows, dim + width]`,
+each row's weights followed by its optimizer state (one page touched per row moved, not two),
+`<table>.init.u8` (1 once a row was written) and `store.json`, rewritten by temp file
 + rename. The files start sparse and are never swept: a row that was never written reads as its
 init, U(-1/sqrt(rows), 1/sqrt(rows)) from a counter-based hash of (table, id, column) (`hash_init`),
 so building a 200M-row store costs nothing and only touched pages reach the disk. Those values
@@ -120,38 +121,38 @@ class DiskStore:
         self.weights: dict[str, torch.Tensor] = {}
         self.state: dict[str, torch.Tensor] = {}
         self.written: dict[str, torch.Tensor] = {}
+        self.packed: dict[str, torch.Tensor] = {}
         self.index = {t.name: i for i, t in enumerate(tables)}
         self.spec = {t.name: t for t in tables}
         self._write_manifest(clean=False)
         for t in tables:
             # mode w+ creates zero-filled sparse files: Adagrad state starts at 0, no row written.
-            self.weights[t.name] = self._open(self.weights_file(t.name), (t.rows, t.dim))
-            s = self._open(self.state_file(t.name), (t.rows, max(state_width, 1)))
-            self.state[t.name] = s[:, :state_width]
+            self.packed[t.name] = self._open(self.rows_file(t.name), (t.rows, t.dim + state_width))
+            self.weights[t.name] = self.packed[t.name][:, : t.dim]
+            self.state[t.name] = self.packed[t.name][:, t.dim :]
             self.written[t.name] = self._open(self.init_file(t.name), (t.rows,), np.uint8)
 
     def read(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.weights[name].index_select(0, ids)
+        t = self.spec[name]
+        rows = self.packed[name].index_select(0, ids)
+        w, s = rows[:, : t.dim], rows[:, t.dim :]
         fresh = (self.written[name].index_select(0, ids) == 0).nonzero().flatten()
         if len(fresh):
-            t = self.spec[name]
             w[fresh] = hash_init(self.index[name], ids[fresh], t.dim, t.rows)
-        return w, self.state[name].index_select(0, ids)
+        return w, s
 
     def write(self, name: str, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> None:
-        self.weights[name].index_copy_(0, ids, w)
         if s is not None:
-            self.state[name].index_copy_(0, ids, s)
+            self.packed[name].index_copy_(0, ids, torch.cat([w, s], 1))
+        else:
+            self.weights[name][ids] = w
         self.written[name].index_fill_(0, ids, 1)
 
     def init_file(self, name: str) -> Path:
         return self.path / f"{name}.init.u8"
 
-    def weights_file(self, name: str) -> Path:
-        return self.path / f"{name}.weights.f32"
-
-    def state_file(self, name: str) -> Path:
-        return self.path / f"{name}.state.f32"
+    def rows_file(self, name: str) -> Path:
+        return self.path / f"{name}.rows.f32"
 
     def _open(self, file: Path, shape: tuple[int, ...], dtype=np.float32) -> torch.Tensor:
         mm = np.memmap(file, dtype=dtype, mode="w+", shape=shape)
@@ -195,10 +196,10 @@ def read_disk_table(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: store.json says the store was not flushed")
     t = manifest["tables"][name]
     width = manifest["state_width"]
-    w = np.array(np.memmap(path / f"{name}.weights.f32", np.float32, "r", shape=(t["rows"], t["dim"])))
-    s = np.memmap(path / f"{name}.state.f32", np.float32, "r", shape=(t["rows"], max(width, 1)))
+    packed = np.memmap(path / f"{name}.rows.f32", np.float32, "r", shape=(t["rows"], t["dim"] + width))
+    w, s = np.array(packed[:, : t["dim"]]), packed[:, t["dim"] :]
     written = np.memmap(path / f"{name}.init.u8", np.uint8, "r", shape=(t["rows"],))
     fresh = np.flatnonzero(written == 0)
     index = list(manifest["tables"]).index(name)
     w[fresh] = hash_init(index, torch.from_numpy(fresh), t["dim"], t["rows"]).numpy()
-    return w, s[:, :width]
+    return w, s
