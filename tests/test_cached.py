@@ -286,3 +286,24 @@ def test_disk_store_starts_sparse_with_a_deterministic_init(tmp_path):
     on_disk, _ = read_disk_table(tmp_path, "t_Z")
     np.testing.assert_array_equal(on_disk[:500], w.numpy())
     np.testing.assert_array_equal(on_disk[49_990:], hash_init(0, torch.arange(49_990, 50_000), 8, 50_000).numpy())
+
+
+def test_tt_store_fills_from_online_counts_and_mean_pools():
+    table = [TableSpec("t_T", rows=3_000, dim=8, features=("T",))]
+    cfg = emb_cfg(store="tt", cache_rows=3, warm_start="none", tt_populate_step=2, pooling="mean",
+                  tt={"rank": 4, "cores": 3, "optimizer": "sgd", "lr": 0.1})  # fmt: skip
+    cached = CachedEmbeddings(table, cfg, ADAGRAD, CPU)
+    cores = list(cached.tt.cores["t_T"])
+    shape = cached.tt.shapes["t_T"]
+
+    def bags(ids, lengths):
+        return KeyedJaggedTensor.from_lengths_sync(keys=["T"], values=torch.tensor(ids), lengths=torch.tensor(lengths))
+
+    with torch.no_grad():
+        cached(bags([9, 9, 9, 5, 5, 77, 77], [3, 4]))
+        assert (cached.caches["t_T"].id_of < 0).all()  # still counting: nothing cached yet
+        cached(bags([5, 2000, 9, 1], [2, 2]))  # 2nd batch: fill with the top 3 of the counts
+        assert sorted(cached.caches["t_T"].id_of.tolist()) == [5, 9, 77]  # counts 3, 4, 2
+        out = cached(bags([9, 2000, 1], [2, 1])).values()
+    rows = tt_rows(cores, shape, torch.tensor([9, 2000, 1]))
+    torch.testing.assert_close(out, torch.stack([(rows[0] + rows[1]) / 2, rows[2]]))
