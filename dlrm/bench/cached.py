@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--path", default=None, help="dir for the disk stores (default: a temp dir, removed)")
     p.add_argument("--disk-rows", type=int, default=0, help="also bench one table of this many rows on disk")
     p.add_argument("--disk-full", action="store_true", help="and emb=full on that table (needs the RAM)")
+    p.add_argument("--readahead", action="store_true", help="disk stores without MADV_RANDOM (emb.random_access=false)")
     p.add_argument("--only-disk", action="store_true", help="skip the Kaggle-shaped settings")
     p.add_argument("--disk-warm", choices=("counts", "ids"), default="counts",
                    help="big table: warm start from sampled counts (ids scattered) or ids (ids = ranks; "
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             "name": "cached", "dim": args.dim, "pooling": "sum", "check_ids": True, "store": store,
             "cache_rows": None, "cache_fraction": args.cache_fraction, "policy": args.policy,
             "warm_start": "counts", "counts": str(counts), "path": str(root / sub),
-            "min_rows": min_rows, "tables": None,
+            "min_rows": min_rows, "tables": None, "random_access": not args.readahead,
         })  # fmt: skip
 
     rows_out = []
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"threads={args.threads} batch={args.batch_size} dim={args.dim} alpha={args.alpha} "
           f"cache_fraction={args.cache_fraction} policy={args.policy} warmup={args.warmup} "
-          f"steps={args.steps} batches={args.batches}\n")
+          f"steps={args.steps} batches={args.batches} readahead={args.readahead}\n")
     print("| setting | tables | step ms | hit rate | evictions/step | MiB moved/step | "
           "embedding MiB (resident) | full MiB | RSS anon growth MiB | RSS file growth MiB | build s | flush s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

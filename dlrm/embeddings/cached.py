@@ -171,7 +171,9 @@ class CachedEmbeddings(EmbeddingBackend):
         if self.store_kind == "host":
             self.store = HostStore(self.tables, width)
         elif self.store_kind == "disk":
-            self.store = DiskStore(self.tables, width, self._disk_path(cfg))
+            self.store = DiskStore(
+                self.tables, width, self._disk_path(cfg), bool(cfg.get("random_access", True))
+            )
         else:
             self.store = None
             self._init_tt(cfg, optim, device)
