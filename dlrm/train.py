@@ -115,6 +115,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
     trainer = Trainer(cfg, model, train_data, eval_data, tele, device)
     metrics = trainer.fit()
+    embeddings.flush()  # cached tables: write every cached row back to its store
 
     emb_bytes, full_bytes = embeddings.embedding_bytes(), embeddings.full_bytes()
     state = trainer.state

@@ -81,6 +81,10 @@ class EmbeddingBackend(nn.Module, ABC):
         """
         return []
 
+    def flush(self) -> None:
+        """Write back anything held outside the cold store (caches). Called at the end of a run
+        and before checkpoints; a no-op for backends whose parameters live in one place."""
+
     def describe(self) -> str:
         """One line per table for the logs: what each table became."""
         return "\n".join(f"{t.name}: {self.name} {t.rows} x {t.dim}" for t in self.tables)

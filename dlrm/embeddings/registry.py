@@ -102,5 +102,9 @@ class SplitEmbeddings(EmbeddingBackend):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for p in self.parts for o in p.optimizers()]
 
+    def flush(self) -> None:
+        for p in self.parts:
+            p.flush()
+
     def describe(self) -> str:
         return "\n".join(p.describe() for p in self.parts)
