@@ -88,6 +88,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         batch_size=cfg.trainer.batch_size,
         max_rows=cfg.data.get("max_rows", 0),
         pin_memory=device.type == "cuda",
+        workers=cfg.data.get("workers", 0),
     )
     train_data = ParquetLoader(
         path, cfg.data.train_split, seed=cfg.seed, shuffle=cfg.data.shuffle, **loader_args

@@ -105,6 +105,27 @@ def test_shuffled_epoch_has_every_row_once_and_depends_on_seed(tiny_dataset):
     assert not torch.equal(a[0].dense, other_seed[0].dense)
 
 
+def test_worker_processes_give_every_row_once_deterministically(tiny_dataset):
+    def epoch(workers):
+        loader = ParquetLoader(
+            tiny_dataset, "train", batch_size=1000, seed=4, workers=workers, buffer_row_groups=1
+        )
+        return list(loader.epoch(0))
+
+    one, two, again = epoch(0), epoch(2), epoch(2)
+    df = read_split(tiny_dataset, "train")
+
+    def c3(batches):
+        return np.concatenate([b.sparse.to_dict()["C3"].values().numpy() for b in batches])
+
+    assert sum(len(b) for b in two) == len(df)  # each worker ends with its own short batch
+    assert (np.sort(c3(two)) == np.sort(df["C3"].to_numpy())).all()
+    assert (np.sort(c3(two)) == np.sort(c3(one))).all()
+    assert all(torch.equal(a.dense, b.dense) for a, b in zip(two, again))
+    with pytest.raises(ValueError, match="data.workers=-1"):
+        ParquetLoader(tiny_dataset, "train", 8, workers=-1)
+
+
 def test_loader_caps_large_tables(tiny_dataset):
     loader = ParquetLoader(tiny_dataset, "eval", batch_size=4000, shuffle=False, max_rows=100)
     assert loader.cardinalities["C3"] == 100 and loader.cardinalities["C9"] == 3

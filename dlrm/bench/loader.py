@@ -1,6 +1,7 @@
 """Loader throughput: rows/s of ParquetLoader over a dataset, with nothing else running.
 
     python scripts/bench_loader.py                        # the default synthetic dataset
+    python scripts/bench_loader.py --workers 2               # two loader processes
     python scripts/bench_loader.py --path DIR --split train --batch-size 2048
 """
 
@@ -24,17 +25,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--epochs", type=int, default=2, help="the first is a warm-up (imports, page cache)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0, help="loader processes (0 = one thread)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = args.path or ensure_dataset(SyntheticSpec(), Path("data"))
-    loader = ParquetLoader(path, args.split, args.batch_size, seed=0)
+    loader = ParquetLoader(path, args.split, args.batch_size, seed=0, workers=args.workers)
     rates = []
     for epoch in range(args.epochs):
         t0, rows = time.perf_counter(), 0
         for batch in loader.epoch(epoch):
             rows += len(batch)
         rates.append(rows / (time.perf_counter() - t0))
-    result = {"path": str(path), "rows": rows, "batch_size": args.batch_size, "rows_per_s": round(max(rates[1:] or rates))}
+    result = {
+        "path": str(path),
+        "rows": rows,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "rows_per_s": round(max(rates[1:] or rates)),
+    }
     print(json.dumps(result))
     return result
 

@@ -90,9 +90,15 @@ class _Chunk:
             else:
                 ids[f] = _cap(col.to_numpy(), cap)
         self.ids = ids[:, order]
+        # As tensors, a chunk crosses from a DataLoader worker through shared memory, not a pipe.
+        self.labels, self.dense, self.ids = map(torch.from_numpy, (self.labels, self.dense, self.ids))
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        for start in range(0, len(self), batch_size):
+            yield self.batch(start, min(start + batch_size, len(self)))
 
     def batch(self, start: int, stop: int) -> Batch:
         """Rows start..stop (in this chunk's order) as a Batch with a key-major KJT."""
@@ -100,7 +106,7 @@ class _Chunk:
         if not self.multi:  # the common single-hot case: offsets are just 0..26n
             kjt = KeyedJaggedTensor(
                 keys=SPARSE,
-                values=torch.from_numpy(self.ids[:, start:stop].reshape(-1)),
+                values=self.ids[:, start:stop].reshape(-1),
                 offsets=_single_hot_offsets(len(SPARSE) * n),
                 stride=n,
             )
@@ -109,7 +115,7 @@ class _Chunk:
             values, lengths = [], []
             for f, name in enumerate(SPARSE):
                 if name not in self.multi:
-                    values.append(self.ids[f, start:stop])
+                    values.append(self.ids[f, start:stop].numpy())
                     lengths.append(np.ones(n, dtype=np.int64))
                     continue
                 offsets, flat = self.multi[name]
@@ -124,11 +130,19 @@ class _Chunk:
                 lengths=torch.from_numpy(np.concatenate(lengths)),
                 stride=n,
             )
-        return Batch(
-            torch.from_numpy(np.ascontiguousarray(self.dense[:, start:stop].T)),
-            kjt,
-            torch.from_numpy(self.labels[start:stop]),
-        )
+        return Batch(self.dense[:, start:stop].T.contiguous(), kjt, self.labels[start:stop])
+
+
+class _EpochShards(torch.utils.data.IterableDataset):
+    """One epoch of a ParquetLoader, split across DataLoader worker processes by buffer."""
+
+    def __init__(self, loader: "ParquetLoader", epoch: int) -> None:
+        self.loader, self.epoch = loader, epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        shard, shards = (info.id, info.num_workers) if info else (0, 1)
+        return self.loader._chunks(self.epoch, shard, shards)
 
 
 @functools.lru_cache(maxsize=4)
@@ -156,6 +170,7 @@ class ParquetLoader:
         buffer_row_groups: int = 4,
         prefetch: int = 8,
         pin_memory: bool = False,
+        workers: int = 0,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
@@ -172,6 +187,9 @@ class ParquetLoader:
         self.buffer_row_groups = buffer_row_groups
         self.prefetch = prefetch
         self.pin_memory = pin_memory
+        if workers < 0:
+            raise ValueError(f"data.workers={workers} must be >= 0 (0 = one background thread)")
+        self.workers = workers
         self.cardinalities = dict(self.meta.cardinalities)
         # Load-time hashing: tables larger than the cap are folded into it.
         self.max_rows = {
@@ -205,7 +223,25 @@ class ParquetLoader:
         return -(-self.num_rows // self.batch_size)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Every row of the split exactly once, in an order fixed by (seed, epoch)."""
+        """Every row of the split exactly once, in an order fixed by (seed, epoch).
+
+        With `workers` > 0, that many processes (torch's DataLoader) each decode every
+        `workers`-th read-ahead buffer of the epoch's order and send it whole (one transfer per
+        buffer: per-batch transfers measured slower than one thread); the DataLoader takes them
+        round-robin, so the order is still fixed by the seed. Each worker ends with its own short
+        batch.
+        """
+        if self.workers > 0:
+            chunks = torch.utils.data.DataLoader(
+                _EpochShards(self, epoch),
+                batch_size=None,  # items are decoded chunks, cut into batches here
+                num_workers=self.workers,
+                prefetch_factor=2,
+            )
+            for chunk in chunks:
+                for batch in chunk.batches(self.batch_size):
+                    yield batch.pin_memory() if self.pin_memory else batch
+            return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         worker = threading.Thread(
@@ -230,7 +266,8 @@ class ParquetLoader:
 
     def _produce(self, epoch: int, q: queue.Queue, stop: threading.Event) -> None:
         try:
-            for batch in self._batches(epoch):
+            batches = (b for chunk in self._chunks(epoch) for b in chunk.batches(self.batch_size))
+            for batch in batches:
                 if self.pin_memory:
                     batch = batch.pin_memory()
                 while not stop.is_set():
@@ -245,13 +282,18 @@ class ParquetLoader:
         except BaseException as e:  # surfaced in the consumer thread
             q.put(e)
 
-    def _batches(self, epoch: int) -> Iterator[Batch]:
+    def _chunks(self, epoch: int, shard: int = 0, num_shards: int = 1) -> Iterator["_Chunk"]:
+        """The epoch's shuffled chunks of whole batches (the last may be short); with shards,
+        only every `num_shards`-th read-ahead buffer."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.row_groups)) if self.shuffle else range(len(self.row_groups))
         order = list(order)
         leftover: pa.Table | None = None  # rows short of a full batch, carried into the next buffer
         files: dict[Path, pq.ParquetFile] = {}
-        for start in range(0, len(order), self.buffer_row_groups):
+        step = self.buffer_row_groups
+        for start in range(shard * step, len(order), step * num_shards):
+            # every shard draws the same shuffles: the chunk's permutation depends on its position
+            rng = np.random.default_rng([self.seed, epoch, start])
             tables = [] if leftover is None else [leftover]
             for i in order[start : start + self.buffer_row_groups]:
                 path, group, _ = self.row_groups[i]
@@ -265,10 +307,8 @@ class ParquetLoader:
             n = table.num_rows
             perm = rng.permutation(n) if self.shuffle else np.arange(n)
             full = n - n % self.batch_size
-            chunk = _Chunk(table, self.max_rows, perm[:full])
-            for b in range(0, full, self.batch_size):
-                yield chunk.batch(b, b + self.batch_size)
+            if full:
+                yield _Chunk(table, self.max_rows, perm[:full])
             leftover = table.take(pa.array(perm[full:])) if full < n else None
         if leftover is not None:  # the epoch's last, short batch: every row exactly once
-            n = leftover.num_rows
-            yield _Chunk(leftover, self.max_rows, np.arange(n)).batch(0, n)
+            yield _Chunk(leftover, self.max_rows, np.arange(leftover.num_rows))
