@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlrm.config import ConfigError, validate
 from dlrm.data.loader import ParquetLoader
-from dlrm.data.schema import SPARSE, DatasetMeta
+from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
 from dlrm.embeddings import TableSpec, build_embeddings
 from dlrm.model import DLRM, resolve_precision
@@ -98,12 +98,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         TableSpec(f"t_{f}", train_data.cardinalities[f], cfg.emb.dim, (f,)) for f in SPARSE
     ]
     embeddings = build_embeddings(tables, cfg.emb, cfg.optim.sparse, device)
+    precision = resolve_precision(cfg.trainer.precision, device)
     model = DLRM(
         embeddings,
         dense_in=train_data.dense_width,
         bottom_mlp=list(cfg.model.bottom_mlp),
         top_mlp=list(cfg.model.top_mlp),
-        precision=resolve_precision(cfg.trainer.precision, device),
+        precision=precision,
     )
     tele = Telemetry(out_dir)
     tele.text("config", OmegaConf.to_yaml(cfg))
@@ -111,7 +112,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     log.info("embeddings:\n%s", embeddings.describe())
     log.info(
         "device %s, %d threads, precision %s, data %s",
-        device, threads, resolve_precision(cfg.trainer.precision, device), path,
+        device, threads, precision, path,
     )
 
     trainer = Trainer(cfg, model, train_data, eval_data, tele, device)
@@ -134,10 +135,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "wall_s": time.time() - t_start,
         **embeddings.stats(),
     }
-    meta = DatasetMeta.load(path)
-    for key in ("teacher_auc", "teacher_logloss"):
-        if key in meta.extra:
-            results[key] = meta.extra[key]
+    for key in ("teacher_auc", "teacher_logloss"):  # the loader already read meta.json
+        if key in train_data.meta.extra:
+            results[key] = train_data.meta.extra[key]
     if device.type == "cuda":
         results["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     tele.hparams(_hparams(cfg), {k: results[k] for k in ("auc", "logloss", "ne", "compression_ratio")})

@@ -285,17 +285,17 @@ class ParquetLoader:
     def _chunks(self, epoch: int, shard: int = 0, num_shards: int = 1) -> Iterator["_Chunk"]:
         """The epoch's shuffled chunks of whole batches (the last may be short); with shards,
         only every `num_shards`-th read-ahead buffer."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.row_groups)) if self.shuffle else range(len(self.row_groups))
-        order = list(order)
+        n_groups = len(self.row_groups)
+        group_rng = np.random.default_rng([self.seed, epoch])
+        order = list(group_rng.permutation(n_groups) if self.shuffle else range(n_groups))
         leftover: pa.Table | None = None  # rows short of a full batch, carried into the next buffer
         files: dict[Path, pq.ParquetFile] = {}
         step = self.buffer_row_groups
         for start in range(shard * step, len(order), step * num_shards):
-            # every shard draws the same shuffles: the chunk's permutation depends on its position
-            rng = np.random.default_rng([self.seed, epoch, start])
+            # a chunk's row shuffle depends only on its position, so sharding cannot change it
+            row_rng = np.random.default_rng([self.seed, epoch, start])
             tables = [] if leftover is None else [leftover]
-            for i in order[start : start + self.buffer_row_groups]:
+            for i in order[start : start + step]:
                 path, group, _ = self.row_groups[i]
                 if path not in files:
                     files[path] = pq.ParquetFile(path)
@@ -305,7 +305,7 @@ class ParquetLoader:
                     raise ValueError(f"{path}: row group {group} unreadable ({e})") from None
             table = pa.concat_tables(tables).combine_chunks()
             n = table.num_rows
-            perm = rng.permutation(n) if self.shuffle else np.arange(n)
+            perm = row_rng.permutation(n) if self.shuffle else np.arange(n)
             full = n - n % self.batch_size
             if full:
                 yield _Chunk(table, self.max_rows, perm[:full])
