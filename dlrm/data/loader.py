@@ -54,44 +54,59 @@ class Batch:
         return Batch(self.dense.pin_memory(), self.sparse.pin(), self.labels.pin_memory())
 
 
-def transform_dense(table: pa.Table) -> np.ndarray:
-    """[13, n] float32: log(1 + max(x, 0)) per Criteo convention, missing values as 0.
+def _column(table: pa.Table, name: str) -> torch.Tensor:
+    """One column as one contiguous tensor, missing values as 0."""
+    col = table.column(name)
+    if col.null_count:
+        col = col.fill_null(0)
+    # np.concatenate of the chunks measured 4x faster than ChunkedArray.to_numpy()
+    return torch.from_numpy(np.concatenate([c.to_numpy() for c in col.chunks]))
 
-    Feature-major, so each column lands in contiguous memory (writing into a row-major [n, 13]
-    array column by column was the loader's slowest step).
-    """
-    x = np.empty((len(DENSE), table.num_rows), dtype=np.float32)
-    for j, name in enumerate(DENSE):
-        x[j] = table.column(name).fill_null(0).to_numpy()
-    np.maximum(x, 0.0, out=x)
-    return np.log1p(x, out=x)
+
+def transform_dense(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + max(x, 0)) in place, per Criteo convention (negative counts clamp to 0)."""
+    return x.clamp_(min=0).log1p_()
 
 
 class _Chunk:
-    """A decoded slab of rows in numpy, put into `order` once, then cut into batches.
+    """A decoded slab of rows, put into `order` once, then cut into batches.
 
-    Permuting the whole slab once (one gather per column) makes every batch a contiguous slice,
-    which is cheaper than a random gather per batch.
+    Permuting the whole slab once makes every batch a contiguous slice, which is cheaper than a
+    random gather per batch. Each column is gathered on its own into one row of a feature-major
+    output (a 1-D `index_select` per column): numpy's 2-D fancy index over [features, rows]
+    measured ~18x slower, and was most of the loader's time.
     """
 
     def __init__(self, table: pa.Table, max_rows: dict[str, int], order: np.ndarray) -> None:
+        n = len(order)
         self.order = order
-        self.labels = table.column(LABEL).to_numpy().astype(np.float32)[order]
-        self.dense = transform_dense(table)[:, order]  # [13, n]: gathered row by row, like ids
+        index = torch.from_numpy(order)
+
+        def gather(name: str, out: torch.Tensor) -> None:
+            src = _column(table, name).to(out.dtype)  # labels int8, counts int64 -> float32
+            torch.index_select(src, 0, index, out=out)
+
+        self.labels = torch.empty(n, dtype=torch.float32)
+        gather(LABEL, self.labels)
+        # Dense [13, n], ids [26, n]: feature-major, so a batch's KJT values are 26 contiguous runs.
+        self.dense = torch.empty(len(DENSE), n, dtype=torch.float32)
+        for j, name in enumerate(DENSE):
+            gather(name, self.dense[j])
+        transform_dense(self.dense)
         self.multi: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # feature -> (offsets, values)
-        # Single-hot ids feature-major [26, n]: a batch's KJT values are 26 contiguous runs.
-        ids = np.zeros((len(SPARSE), table.num_rows), dtype=np.int64)
+        self.ids = torch.empty(len(SPARSE), n, dtype=torch.int64)  # multi-hot rows unused
         for f, name in enumerate(SPARSE):
-            col = table.column(name).combine_chunks()
             cap = max_rows.get(name)
-            if pa.types.is_list(col.type):
+            col = table.column(name)
+            if pa.types.is_list(col.type):  # multi-hot columns stay in file order
+                col = col.combine_chunks()
                 values = _cap(col.values.to_numpy().astype(np.int64), cap)
                 self.multi[name] = (col.offsets.to_numpy().astype(np.int64), values)
             else:
-                ids[f] = _cap(col.to_numpy(), cap)
-        self.ids = ids[:, order]
+                gather(name, self.ids[f])
+                if cap is not None:
+                    self.ids[f].remainder_(cap)
         # As tensors, a chunk crosses from a DataLoader worker through shared memory, not a pipe.
-        self.labels, self.dense, self.ids = map(torch.from_numpy, (self.labels, self.dense, self.ids))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -303,7 +318,7 @@ class ParquetLoader:
                     tables.append(files[path].read_row_group(group))
                 except (pa.ArrowInvalid, OSError) as e:
                     raise ValueError(f"{path}: row group {group} unreadable ({e})") from None
-            table = pa.concat_tables(tables).combine_chunks()
+            table = pa.concat_tables(tables)  # no copy; each column is joined once in _column
             n = table.num_rows
             perm = row_rng.permutation(n) if self.shuffle else np.arange(n)
             full = n - n % self.batch_size
