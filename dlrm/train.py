@@ -62,6 +62,7 @@ def dataset_path(data: DictConfig) -> Path:
             click_rate=data.click_rate,
             row_group_rows=data.row_group_rows,
             multi_hot=dict(data.get("multi_hot") or {}),
+            table_rows=dict(data.get("table_rows") or {}),
         )
         return ensure_dataset(spec, Path(data.root))
     path = Path(data.path)

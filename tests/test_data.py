@@ -68,6 +68,18 @@ def test_bad_generator_settings():
         SyntheticSpec(rows=0).validate()
     with pytest.raises(ValueError, match="data.multi_hot"):
         SyntheticSpec(multi_hot={"C99": 3}).validate()
+    with pytest.raises(ValueError, match="data.table_rows.C3=0"):
+        SyntheticSpec(table_rows={"C3": 0}).validate()
+
+
+def test_table_rows_resizes_one_table(tmp_path):
+    spec = SyntheticSpec(rows=3000, eval_rows=1000, max_cardinality=500, table_rows={"C3": 5_000_000})
+    path = ensure_dataset(spec, tmp_path)
+    cards = DatasetMeta.load(path).cardinalities
+    assert cards["C3"] == 5_000_000 and cards["C4"] == 500  # the cap still holds for the others
+    c3 = read_split(path, "train")["C3"].to_numpy()
+    assert c3.max() >= 500 and c3.max() < 5_000_000
+    assert SyntheticSpec().fingerprint() != SyntheticSpec(table_rows={"C3": 10}).fingerprint()
 
 
 def test_loader_epoch_is_exact_and_kjt_matches_parquet(tiny_dataset):

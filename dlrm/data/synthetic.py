@@ -73,13 +73,20 @@ class SyntheticSpec:
     rows_per_file: int = 1_048_576
     # feature -> max ids per row; a multi-hot feature gets 1..max ids per row (list<int64> column)
     multi_hot: dict[str, int] = field(default_factory=dict)
+    # feature -> table rows, replacing its Kaggle size (and the cap), e.g. {C3: 200_000_000} for
+    # one table larger than RAM
+    table_rows: dict[str, int] = field(default_factory=dict)
 
     def cardinalities(self) -> list[int]:
         cap = self.max_cardinality
-        return [min(c, cap) if cap > 0 else c for c in KAGGLE_CARDINALITIES]
+        sizes = [min(c, cap) if cap > 0 else c for c in KAGGLE_CARDINALITIES]
+        return [self.table_rows.get(name, c) for name, c in zip(SPARSE, sizes)]
 
     def fingerprint(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if not fields["table_rows"]:  # keeps the names of datasets made before the field existed
+            del fields["table_rows"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
     def validate(self) -> None:
@@ -92,9 +99,13 @@ class SyntheticSpec:
             raise ValueError(f"data.click_rate={self.click_rate} must be in (0, 1)")
         if self.zipf <= 0:
             raise ValueError(f"data.zipf={self.zipf} must be > 0")
-        unknown = set(self.multi_hot) - set(SPARSE)
-        if unknown:
-            raise ValueError(f"data.multi_hot names unknown features {sorted(unknown)}")
+        for key in ("multi_hot", "table_rows"):
+            unknown = set(getattr(self, key)) - set(SPARSE)
+            if unknown:
+                raise ValueError(f"data.{key} names unknown features {sorted(unknown)}")
+        for name, rows in self.table_rows.items():
+            if not isinstance(rows, int) or rows <= 0:
+                raise ValueError(f"data.table_rows.{name}={rows} must be a positive integer")
 
 
 # ---------------------------------------------------------------------------------------------
