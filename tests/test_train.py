@@ -50,6 +50,14 @@ def test_training_learns_above_chance(compose_cfg, tiny_dataset, tmp_path):
     assert results["logloss"] < 0.6  # a 50/50 guess scores 0.693; the constant 25% predictor 0.562
 
 
+def test_dict_valued_data_options_take_command_line_dicts(compose_cfg):
+    # dict options default to null, so a command-line dict replaces them (a {} default would be
+    # a struct that refuses new keys)
+    cfg = compose_cfg("data.multi_hot={C1:3}", "data.table_rows={C3:200000000}")
+    assert dict(cfg.data.multi_hot) == {"C1": 3}
+    assert dict(cfg.data.table_rows) == {"C3": 200_000_000}
+
+
 def test_bad_values_fail_before_any_work(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.batch_size=0 must be >= 1"):
         run(compose_cfg("trainer.batch_size=0"), tmp_path)
