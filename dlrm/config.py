@@ -21,6 +21,7 @@ CHECKS: dict[str, tuple[type, float | None]] = {
     "trainer.warmup_steps": (int, 0),
     "trainer.grad_clip": (float, 0),
     "trainer.threads": (int, 0),
+    "trainer.checkpoint_every": (int, 0),
     "optim.dense.lr": (float, 0),
     "optim.sparse.lr": (float, 0),
     "emb.dim": (int, 1),

@@ -20,8 +20,9 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dlrm import checkpoint
 from dlrm.config import ConfigError, validate
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
@@ -84,6 +85,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
 
+    resume = cfg.trainer.get("resume")
+    if resume:
+        prepare_resume(cfg, checkpoint.run_dir_of(resume))  # fails fast if there is nothing to resume
     path = dataset_path(cfg.data)
     loader_args = dict(
         batch_size=cfg.trainer.batch_size,
@@ -116,9 +120,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         device, threads, precision, path,
     )
 
-    trainer = Trainer(cfg, model, train_data, eval_data, tele, device)
+    trainer = Trainer(cfg, model, train_data, eval_data, tele, device, out_dir / checkpoint.CHECKPOINT_DIR)
+    if resume:
+        trainer.resume(resume)
     metrics = trainer.fit()
-    embeddings.flush()  # cached tables: write every cached row back to its store
+    embeddings.flush(step=trainer.state.step)  # cached tables: write every cached row back to its store
 
     emb_bytes, full_bytes = embeddings.embedding_bytes(), embeddings.full_bytes()
     state = trainer.state
@@ -145,6 +151,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.write_results(results)
     tele.close()
     return results
+
+
+def prepare_resume(cfg: DictConfig, run_dir: Path) -> None:
+    """Point the embeddings at the resumed run's stores: a disk store is reopened (and rolled
+    back to its last commit), not created."""
+    with open_dict(cfg):
+        cfg.emb.resume = True
+        if cfg.emb.get("store") == "disk" and not cfg.emb.get("path"):
+            cfg.emb.path = str(run_dir / "emb_store")  # the default place, in that run's dir
 
 
 def _hparams(cfg: DictConfig) -> dict:

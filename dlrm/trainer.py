@@ -5,23 +5,30 @@ Three kinds of optimizer step each batch:
 - the embedding backend's own optimizers (e.g. TT cores), from `backend.optimizers()`,
 - fused table updates, which fbgemm already applied inside backward.
 
+With `trainer.checkpoint_every`, the trainer saves its whole state every that many steps and at
+the end (dlrm/checkpoint.py); `resume()` loads one and `fit()` continues from its batch.
+
 Step time is measured from "batch in hand" to "optimizers stepped" (the loader runs ahead in its
 own thread); samples/s is end to end over the timed steps, data loading included.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from dlrm import checkpoint
 from dlrm.data.loader import ParquetLoader
+from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.metrics import EvalMetrics
 from dlrm.model import DLRM
 from dlrm.telemetry import Telemetry
@@ -41,6 +48,7 @@ def dense_optimizer(params: list, cfg: DictConfig) -> torch.optim.Optimizer:
 class TrainState:
     step: int = 0
     epoch: int = 0
+    epoch_batches: int = 0  # batches of the current epoch already trained on (resume skips them)
     samples: int = 0
     step_times: list[float] = field(default_factory=list)  # seconds, after warm-up
     timed_samples: int = 0
@@ -58,8 +66,10 @@ class Trainer:
         eval_data: ParquetLoader,
         telemetry: Telemetry,
         device: torch.device,
+        checkpoint_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg.trainer
+        self.run_config = OmegaConf.to_container(cfg, resolve=True)  # saved with checkpoints
         self.model = model.to(device)
         self.train_data, self.eval_data = train_data, eval_data
         self.tele = telemetry
@@ -68,21 +78,33 @@ class Trainer:
         self.optimizers = [dense_optimizer(self.dense_params, cfg.optim.dense)]
         self.optimizers += model.sparse_arch.optimizers()
         self.state = TrainState()
+        self.checkpoint_dir = checkpoint_dir if self.cfg.get("checkpoint_every", 0) else None
+        if self.checkpoint_dir is not None:
+            # The last checkpoint, not an exit flush, is where a crashed run resumes from.
+            for m in model.modules():
+                if isinstance(m, EmbeddingBackend):
+                    m.flush_at_exit = False
 
     def fit(self) -> dict[str, float]:
         """Train for `trainer.max_steps` steps, evaluating every `eval_every`; final eval metrics."""
         cfg, state = self.cfg, self.state
-        bar = tqdm(total=cfg.max_steps, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps, initial=state.step, disable=not cfg.progress, unit="step", dynamic_ncols=True
+        )
         self.model.train()
         timed_from = None
+        first_step = state.step  # > 0 when resumed: warm-up counts from here
+        every = cfg.get("checkpoint_every", 0)
         while state.step < cfg.max_steps:
-            for batch in self.train_data.epoch(state.epoch):
+            # A resumed run skips the batches its checkpoint already trained on.
+            for batch in itertools.islice(self.train_data.epoch(state.epoch), state.epoch_batches, None):
                 t0 = time.perf_counter()
                 loss = self.train_step(batch)
                 t1 = time.perf_counter()
                 state.step += 1
+                state.epoch_batches += 1
                 state.samples += len(batch)
-                if state.step > cfg.warmup_steps:
+                if state.step - first_step > cfg.warmup_steps:
                     if timed_from is None:  # end-to-end clock starts after warm-up
                         timed_from = t0
                     state.step_times.append(t1 - t0)
@@ -94,10 +116,15 @@ class Trainer:
                     self.evaluate()
                     self.model.train()
                     state.paused += time.perf_counter() - t_eval
+                if self.checkpoint_dir is not None and state.step % every == 0:
+                    t_save = time.perf_counter()
+                    self.save_checkpoint()
+                    state.paused += time.perf_counter() - t_save
                 if state.step >= cfg.max_steps:
                     break
             else:
                 state.epoch += 1
+                state.epoch_batches = 0
                 if state.epoch == 1 and state.step < cfg.max_steps:
                     log.warning(
                         "epoch 2 starts at step %d of %d: CTR models overfit sharply once rows repeat "
@@ -106,7 +133,49 @@ class Trainer:
                         state.step, cfg.max_steps,
                     )
         bar.close()
+        if self.checkpoint_dir is not None and state.step % every:
+            self.save_checkpoint()  # the final state, so a longer run can continue from it
         return self.evaluate()
+
+    def save_checkpoint(self) -> Path:
+        """The whole training state as checkpoints/step-N.pt; then the embeddings' external
+        store (if any) is committed at the same step (order: see dlrm/checkpoint.py)."""
+        s, backend = self.state, self.model.sparse_arch
+        payload = {
+            "step": s.step,
+            "epoch": s.epoch,
+            "epoch_batches": s.epoch_batches,
+            "samples": s.samples,
+            "dense": {k: v for k, v in self.model.state_dict().items() if not k.startswith("sparse_arch.")},
+            "embeddings": backend.checkpoint_state(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "rng": checkpoint.rng_state(),
+            "config": self.run_config,
+        }
+        path = checkpoint.save(self.checkpoint_dir, s.step, payload)
+        backend.flush(step=s.step)
+        checkpoint.prune(self.checkpoint_dir)
+        log.info("checkpoint %s", path)
+        return path
+
+    def resume(self, source: str | Path) -> Path:
+        """Load the checkpoint `trainer.resume` points at; `fit()` then continues from it."""
+        backend = self.model.sparse_arch
+        path = checkpoint.find(source, backend.committed_step())
+        ckpt = checkpoint.load(path)
+        checkpoint.check_config(ckpt["config"], self.run_config, path)
+        missing, unexpected = self.model.load_state_dict(ckpt["dense"], strict=False)
+        missing = [k for k in missing if not k.startswith("sparse_arch.")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: dense model does not match (missing {missing}, unexpected {unexpected})")
+        backend.load_checkpoint_state(ckpt["embeddings"])
+        for opt, state in zip(self.optimizers, ckpt["optimizers"], strict=True):
+            opt.load_state_dict(state)
+        checkpoint.set_rng_state(ckpt["rng"])
+        for key in ("step", "epoch", "epoch_batches", "samples"):
+            setattr(self.state, key, ckpt[key])
+        log.info("resumed from %s (step %d, epoch %d)", path, self.state.step, self.state.epoch)
+        return path
 
     def train_step(self, batch) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)

@@ -81,9 +81,33 @@ class EmbeddingBackend(nn.Module, ABC):
         """
         return []
 
-    def flush(self) -> None:
-        """Write back anything held outside the cold store (caches). Called at the end of a run
-        and before checkpoints; a no-op for backends whose parameters live in one place."""
+    # Cached backends flush at interpreter exit so no update is lost; the trainer turns that off
+    # when it checkpoints, so a crash leaves a disk store at its last checkpoint, not past it.
+    flush_at_exit: bool = True
+
+    def flush(self, step: int | None = None) -> None:
+        """Write back anything held outside the cold store (caches) and make the store durable.
+
+        Called at the end of a run and at checkpoints, where `step` tags the flushed state (a
+        store that outlives the process records it: `committed_step`). A no-op for backends
+        whose parameters live in one place."""
+
+    def checkpoint_state(self) -> dict:
+        """Everything needed to continue training exactly, for `torch.save`.
+
+        The default is the module's state_dict: it holds fbgemm tables' weights and their fused
+        optimizer state (TBE buffers), TT cores, hash parameters. Backends with bookkeeping
+        outside parameters and buffers (caches) extend it.
+        """
+        return {"module": self.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.load_state_dict(state["module"])
+
+    def committed_step(self) -> int | None:
+        """The step whose state a store outside the checkpoint holds (the disk store), or None
+        when `checkpoint_state()` holds everything. Resuming picks the checkpoint of this step."""
+        return None
 
     def describe(self) -> str:
         """One line per table for the logs: what each table became."""

@@ -193,7 +193,7 @@ class CachedEmbeddings(EmbeddingBackend):
             self._tt_counts = {t.name: torch.zeros(t.rows, dtype=torch.int64) for t in self.tables}
         self._flushed_clean = True
         ref = weakref.ref(self)
-        atexit.register(lambda: (m := ref()) is not None and m.flush())
+        atexit.register(lambda: (m := ref()) is not None and m.flush_at_exit and m.flush())
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -245,7 +245,8 @@ class CachedEmbeddings(EmbeddingBackend):
         tt_cfg = OmegaConf.merge(
             OmegaConf.create({"dim": 16, "pooling": "sum"}),
             {k: cfg[k] for k in ("dim", "pooling") if k in cfg},
-            cfg.get("tt") or {},
+            # resolved first: merged into a new root, `rank: ${rank}` would point at itself
+            OmegaConf.to_container(cfg.tt, resolve=True) if cfg.get("tt") else {},
         )
         self.tt = TTEmbeddings(self.tables, tt_cfg, optim, device)
 
@@ -330,7 +331,7 @@ class CachedEmbeddings(EmbeddingBackend):
         self._bytes_moved = 0  # prefill is a one-off, not per-step traffic
         self._tt_filled = self.store_kind == "tt"
 
-    def flush(self) -> None:
+    def flush(self, step: int | None = None) -> None:
         """Write every cached row and its optimizer state back to the cold store and sync it.
 
         The cache stays valid (rows remain cached), so training can continue after a flush.
@@ -344,6 +345,49 @@ class CachedEmbeddings(EmbeddingBackend):
                 self._store_rows(i, t, c.id_of[slots], slots)
         self.store.flush()
         self._flushed_clean = True  # the next forward marks a disk store dirty again
+
+    _COUNTERS = ("step", "_hits", "_lookups", "_evictions", "_bytes_moved", "_grows", "_batches",
+                 "_fit_streak", "_tt_filled")
+
+    def checkpoint_state(self) -> dict:
+        """The cache's rows and optimizer state (state_dict: the TBE, and the TT cores for
+        store=tt), which id each slot holds, policy scores, counters and the eviction RNG; for
+        store=host the store's tables too. A disk store's tables stay in their files, which the
+        trainer commits at the checkpoint's step right after saving this."""
+        state = {
+            "module": self.state_dict(),
+            "caches": {n: (c.capacity, c.id_of.clone(), c.score.clone()) for n, c in self.caches.items()},
+            "counters": {k: getattr(self, k) for k in self._COUNTERS},
+            "rng": self._rng.get_state(),
+            "tt_counts": self._tt_counts,
+        }
+        if self.store_kind == "host":
+            state["host"] = (self.store.weights, self.store.state)
+        return state
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        caps = {n: cap for n, (cap, _, _) in state["caches"].items()}
+        if caps != {n: c.capacity for n, c in self.caches.items()}:
+            self._build_tbe(caps)  # the cache had grown for a large batch when it was saved
+        self.load_state_dict(state["module"])  # copies into the TBE's tensors: views stay valid
+        for name, (_, id_of, score) in state["caches"].items():
+            c = self.caches[name]
+            c.id_of.copy_(id_of)
+            c.score.copy_(score)
+            c.slot_of.fill_(-1)
+            slots = (id_of >= 0).nonzero().flatten()
+            c.slot_of[id_of[slots]] = slots.to(torch.int32)
+        for k, v in state["counters"].items():
+            setattr(self, k, v)
+        self._rng.set_state(state["rng"])
+        self._tt_counts = state["tt_counts"]
+        if self.store_kind == "host":
+            for mine, saved in zip((self.store.weights, self.store.state), state["host"]):
+                for name in mine:
+                    mine[name].copy_(saved[name])
+
+    def committed_step(self) -> int | None:
+        return self.store.committed_step if self.store_kind == "disk" else None
 
     def load_weights(self, name: str, weights: torch.Tensor) -> None:
         """Replace table `name`'s weights (all rows) in the cold store and in the cache.

@@ -102,9 +102,20 @@ class SplitEmbeddings(EmbeddingBackend):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for p in self.parts for o in p.optimizers()]
 
-    def flush(self) -> None:
+    def flush(self, step: int | None = None) -> None:
         for p in self.parts:
-            p.flush()
+            p.flush(step)
+
+    def checkpoint_state(self) -> dict:
+        return {"parts": [p.checkpoint_state() for p in self.parts]}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        for p, s in zip(self.parts, state["parts"], strict=True):
+            p.load_checkpoint_state(s)
+
+    def committed_step(self) -> int | None:
+        steps = {p.committed_step() for p in self.parts} - {None}
+        return steps.pop() if steps else None
 
     def describe(self) -> str:
         return "\n".join(p.describe() for p in self.parts)

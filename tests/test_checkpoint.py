@@ -1,0 +1,68 @@
+"""Checkpoints: a run stopped and resumed ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlrm.checkpoint import CHECKPOINT_DIR, checkpoint_files
+from dlrm.train import run
+
+# Each backend with settings that make it do real work on the tiny dataset (tables <= 2,000 rows).
+BACKENDS = {
+    "full": [],
+    "hashed": ["emb=hashed", "emb.min_rows=500", "compression=4"],
+    "qr": ["emb=qr", "emb.min_rows=500", "compression=4"],
+    "tt": ["emb=tt", "emb.min_rows=500", "rank=4"],
+    # a 20% cache of 2,000-row tables: rows are evicted (by score) and written back every step
+    "cached_host": ["emb=cached", "emb.min_rows=500", "emb.cache_rows=400"],
+    "cached_tt": ["emb=cached", "emb.store=tt", "emb.min_rows=500", "emb.cache_rows=400", "rank=4"],
+}
+
+
+def _metrics(results: dict) -> tuple[float, float]:
+    return results["auc"], results["logloss"]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_resumed_run_equals_uninterrupted_run(backend, compose_cfg, tiny_dataset, tmp_path):
+    extra = BACKENDS[backend]
+    straight = run(compose_cfg(*extra, "trainer.max_steps=16"), tmp_path / "straight")
+    first = compose_cfg(*extra, "trainer.max_steps=8", "trainer.checkpoint_every=5")
+    run(first, tmp_path / "first")
+    assert sorted(checkpoint_files(tmp_path / "first" / CHECKPOINT_DIR)) == [5, 8]  # + the final
+    resumed = run(
+        compose_cfg(*extra, "trainer.max_steps=16", f"trainer.resume={tmp_path / 'first'}"),
+        tmp_path / "resumed",
+    )
+    assert resumed["steps"] == 16
+    assert _metrics(resumed) == pytest.approx(_metrics(straight), abs=1e-6)
+    # Host caching is exact whatever it holds, so the cache's own state shows in its stats only.
+    stats = sorted(k for k in straight if k.startswith("cache_"))
+    assert [resumed[k] for k in stats] == pytest.approx([straight[k] for k in stats])
+
+
+def test_resume_across_an_epoch_boundary_and_from_a_file(compose_cfg, tiny_dataset, tmp_path):
+    # 30,000 rows in batches of 2048: 15 batches per epoch; the checkpoint at 20 is mid-epoch 2.
+    big = ["trainer.batch_size=2048"]
+    straight = run(compose_cfg(*big, "trainer.max_steps=24"), tmp_path / "straight")
+    run(compose_cfg(*big, "trainer.max_steps=22", "trainer.checkpoint_every=10"), tmp_path / "first")
+    files = checkpoint_files(tmp_path / "first" / CHECKPOINT_DIR)
+    assert sorted(files) == [20, 22]  # only the newest two are kept
+    state = torch.load(files[20], weights_only=False)
+    assert (state["epoch"], state["epoch_batches"]) == (1, 5)
+    resumed = run(
+        compose_cfg(*big, "trainer.max_steps=24", f"trainer.resume={files[20]}"), tmp_path / "resumed"
+    )
+    assert _metrics(resumed) == pytest.approx(_metrics(straight), abs=1e-6)
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(compose_cfg, tiny_dataset, tmp_path):
+    run(compose_cfg("trainer.max_steps=3", "trainer.checkpoint_every=3"), tmp_path / "first")
+    with pytest.raises(ValueError, match=r"other settings for \['model'\]"):
+        run(
+            compose_cfg("trainer.max_steps=6", "model.top_mlp=[32,1]", f"trainer.resume={tmp_path / 'first'}"),
+            tmp_path / "other",
+        )
+    with pytest.raises(FileNotFoundError, match="trainer.resume=.*no checkpoints there"):
+        run(compose_cfg(f"trainer.resume={tmp_path / 'nowhere'}"), tmp_path / "none")
