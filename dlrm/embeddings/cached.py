@@ -338,13 +338,18 @@ class CachedEmbeddings(EmbeddingBackend):
         """
         if self.store_kind == "tt":
             return
+        self._write_back_all()
+        self.store.flush()
+        self._flushed_clean = True  # the next forward marks a disk store dirty again
+
+    def _write_back_all(self) -> None:
+        """Every cached row and its optimizer state into the store, without committing it: only
+        `flush` (the end of a run, a checkpoint) moves a disk store's last committed state."""
         for i, t in enumerate(self.tables):
             c = self.caches[t.name]
             slots = (c.id_of >= 0).nonzero().flatten()
             if len(slots):
                 self._store_rows(i, t, c.id_of[slots], slots)
-        self.store.flush()
-        self._flushed_clean = True  # the next forward marks a disk store dirty again
 
     _COUNTERS = ("step", "_hits", "_lookups", "_evictions", "_bytes_moved", "_grows", "_batches",
                  "_fit_streak", "_tt_filled")
@@ -413,9 +418,9 @@ class CachedEmbeddings(EmbeddingBackend):
 
     def _resize(self, need: dict[str, int]) -> None:
         """Rebuild the TBE with `need` rows per table, writing everything back first."""
-        self.flush()
         if self.store_kind == "tt":
             raise AssertionError("the TT store never resizes its cache")
+        self._write_back_all()
         saved = {n: (c.id_of.clone(), c.score.clone()) for n, c in self.caches.items()}
         for c in self.caches.values():
             c.slot_of.fill_(-1)
