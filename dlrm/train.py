@@ -86,8 +86,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     random.seed(cfg.seed)
 
     resume = cfg.trainer.get("resume")
-    if resume:
-        prepare_resume(cfg, checkpoint.run_dir_of(resume))  # fails fast if there is nothing to resume
+    # A disk store lives in its run's dir unless emb.path says otherwise; a resumed run reopens
+    # the store of the run it continues (run_dir_of fails fast if there is nothing to resume).
+    store_dir = checkpoint.run_dir_of(resume) if resume else out_dir
+    with open_dict(cfg):
+        cfg.emb.resume = bool(resume)
+        if cfg.emb.get("store") == "disk" and not cfg.emb.get("path"):
+            cfg.emb.path = str(Path(store_dir).resolve() / "emb_store")
     path = dataset_path(cfg.data)
     loader_args = dict(
         batch_size=cfg.trainer.batch_size,
@@ -151,15 +156,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.write_results(results)
     tele.close()
     return results
-
-
-def prepare_resume(cfg: DictConfig, run_dir: Path) -> None:
-    """Point the embeddings at the resumed run's stores: a disk store is reopened (and rolled
-    back to its last commit), not created."""
-    with open_dict(cfg):
-        cfg.emb.resume = True
-        if cfg.emb.get("store") == "disk" and not cfg.emb.get("path"):
-            cfg.emb.path = str(run_dir / "emb_store")  # the default place, in that run's dir
 
 
 def _hparams(cfg: DictConfig) -> dict:
