@@ -144,6 +144,9 @@ def test_stats_only_over_the_last_batch_and_per_table():
     # C1: 3 distinct ids in 1 bucket, all collide; C2: one distinct id.
     assert s["collision_rate"] == 3 / 4 and s["rows_touched"] == 2
     assert s["collision_rate/t_C1"] == 1.0 and s["collision_rate/t_C2"] == 0.0
+    emb.eval()  # an eval batch (results.json is written after the final eval) leaves them alone
+    emb(kjt({"C1": [[1], [1]], "C2": [[2], [3]]}))
+    assert emb.stats() == s
 
 
 # ----------------------------------------------------------------------------- qr

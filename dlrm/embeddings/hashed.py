@@ -183,8 +183,10 @@ class HashedEmbeddings(EmbeddingBackend):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         rows = self.hash(features)
-        # Stats are computed lazily from these references, only when the trainer asks.
-        self._last = (features.values(), features.length_per_key(), rows)
+        # Stats are computed lazily from these references, only when the trainer asks; they
+        # describe the last training batch (results.json is written after the final eval).
+        if self.training:
+            self._last = (features.values(), features.length_per_key(), rows)
         pooled = self.tbe(rows, features.offsets())
         return KeyedTensor(keys=self.features, length_per_key=self.dims, values=pooled)
 
@@ -193,7 +195,7 @@ class HashedEmbeddings(EmbeddingBackend):
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
-        """Of the last batch: collision_rate (share of its distinct ids that share a bucket with
+        """Of the last training batch: collision_rate (share of its distinct ids that share a bucket with
         another of its distinct ids) and rows_touched (distinct buckets used), over all hashed
         tables; per table too (collision_rate/<table>, ...) with emb.stats_per_table=true.
 

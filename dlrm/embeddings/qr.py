@@ -161,7 +161,8 @@ class QREmbeddings(EmbeddingBackend):
         if self.check_ids:
             check_ids_in_range(features, self.tables)
         ids = self.split_ids(features)
-        self._last = (features.values(), features.length_per_key())
+        if self.training:  # stats describe the last training batch, not an eval batch
+            self._last = (features.values(), features.length_per_key())
         n, f, b = features.values().numel(), len(self.features), features.stride()
         lengths = features.lengths()
         if self.combiner == "mult" and not (n == f * b and bool((lengths == 1).all())):
@@ -211,7 +212,7 @@ class QREmbeddings(EmbeddingBackend):
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
-        """Of the last batch: collision_rate (share of its distinct ids that share their
+        """Of the last training batch: collision_rate (share of its distinct ids that share their
         remainder row with another of its distinct ids, the collisions the quotient row then
         tells apart; comparable to emb=hashed's) and rows_touched (distinct rows of both tables)."""
         if self._last is None:
