@@ -328,6 +328,30 @@ def test_report_lists_pareto_set_written_by_the_optuna_sweeper(tmp_path: Path, c
     assert "| auc (maximize) | embedding_bytes (minimize) | compression | rank |" in text
 
 
+@pytest.mark.slow  # two real Optuna sweeps in subprocesses: ~10 s, mostly importing optuna
+def test_optuna_study_in_sqlite_resumes(tmp_path: Path):
+    """storage=sqlite keeps the study: a second sweep with the same storage adds its trials to
+    the first's (needs SQLAlchemy < 2 beside optuna 2.10, pinned in pyproject.toml)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import subprocess
+    import sys
+
+    import optuna
+
+    app = tmp_path / "toy_app.py"
+    app.write_text(TOY_APP)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for n in (1, 2):
+        cmd = [sys.executable, str(app), str(REPO / "conf"), "-m", "+hparams_search=lr_optuna",
+               "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
+               f"hydra.sweep.dir={tmp_path / f'sweep{n}'}", "hydra/job_logging=disabled",
+               "hydra/hydra_logging=disabled"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    study = optuna.load_study(study_name="lr_optuna", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+
+
 def test_local_parallel_launcher_config():
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     launcher = _compose(REPO / "conf", ["hydra/launcher=local"]).hydra.launcher
