@@ -172,7 +172,8 @@ class CachedEmbeddings(EmbeddingBackend):
             self.store = HostStore(self.tables, width)
         elif self.store_kind == "disk":
             self.store = DiskStore(
-                self.tables, width, self._disk_path(cfg), bool(cfg.get("random_access", True))
+                self.tables, width, self._disk_path(cfg), bool(cfg.get("random_access", True)),
+                resume=bool(cfg.get("resume", False)), durable=bool(cfg.get("durable", False)),
             )
         else:
             self.store = None
@@ -330,10 +331,11 @@ class CachedEmbeddings(EmbeddingBackend):
         self._bytes_moved = 0  # prefill is a one-off, not per-step traffic
         self._tt_filled = self.store_kind == "tt"
 
-    def flush(self) -> None:
+    def flush(self, step: int | None = None) -> None:
         """Write every cached row and its optimizer state back to the cold store and sync it.
 
-        The cache stays valid (rows remain cached), so training can continue after a flush.
+        The cache stays valid (rows remain cached), so training can continue after a flush. A disk
+        store records `step` as its `committed_step`: a crash later rolls it back to this flush.
         """
         if self.store_kind == "tt":
             return
@@ -342,7 +344,7 @@ class CachedEmbeddings(EmbeddingBackend):
             slots = (c.id_of >= 0).nonzero().flatten()
             if len(slots):
                 self._store_rows(i, t, c.id_of[slots], slots)
-        self.store.flush()
+        self.store.flush(step)
         self._flushed_clean = True  # the next forward marks a disk store dirty again
 
     def load_weights(self, name: str, weights: torch.Tensor) -> None:
