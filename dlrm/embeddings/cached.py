@@ -339,11 +339,14 @@ class CachedEmbeddings(EmbeddingBackend):
         """
         if self.store_kind == "tt":
             return
-        for i, t in enumerate(self.tables):
-            c = self.caches[t.name]
-            slots = (c.id_of >= 0).nonzero().flatten()
-            if len(slots):
-                self._store_rows(i, t, c.id_of[slots], slots)
+        # With no forward since the last flush the cached rows are as written back then; writing
+        # them again would make the store commit anew and forget the step of that flush.
+        if not self._flushed_clean:
+            for i, t in enumerate(self.tables):
+                c = self.caches[t.name]
+                slots = (c.id_of >= 0).nonzero().flatten()
+                if len(slots):
+                    self._store_rows(i, t, c.id_of[slots], slots)
         self.store.flush(step)
         self._flushed_clean = True  # the next forward marks a disk store dirty again
 
@@ -468,8 +471,9 @@ class CachedEmbeddings(EmbeddingBackend):
             self._resize({n: max(current[n], distinct[n]) for n in current})
         elif current != self.base_caps and self._fit_streak >= self.shrink_after:
             self._resize(dict(self.base_caps))
-        if self.store_kind == "disk" and self._flushed_clean:
-            self.store.mark_dirty()
+        if self._flushed_clean:
+            if self.store_kind == "disk":
+                self.store.mark_dirty()
             self._flushed_clean = False
         remapped = [
             self._admit(i, t, uid, uses)[inverse] for i, (t, (uid, inverse, uses)) in enumerate(zip(self.tables, per_table))
