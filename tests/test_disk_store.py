@@ -229,8 +229,9 @@ def test_a_failing_journal_write_changes_no_row(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("durable", [False, True])
-def test_a_journal_left_from_before_the_last_flush_is_not_replayed(tmp_path, durable):
+def test_a_journal_left_from_before_the_last_flush_is_not_replayed(tmp_path, durable, monkeypatch):
     # Crash after the manifest's commit but before the journal's deletion reached the disk.
+    monkeypatch.setattr(cache_store, "JOURNAL_CHUNK_ROWS", 128)  # several records per write
     store = DiskStore(TABLES, WIDTH, tmp_path, durable=durable)
     store.flush(step=1)
     write(store, "t_b", torch.arange(0, 500), seed=0)
@@ -244,6 +245,8 @@ def test_a_journal_left_from_before_the_last_flush_is_not_replayed(tmp_path, dur
     # And a journal of the current epoch is replayed: the unflushed writes are undone.
     write(reopened, "t_b", torch.arange(200, 700), seed=1)
     write(reopened, "t_a", torch.arange(0, 2000), seed=2)
+    record = RECORD_HEADER.size + 128 * (8 + 5 * 4 + 1)
+    assert (tmp_path / "t_a.undo").stat().st_size > JOURNAL_HEADER.size + 15 * record  # 16 records
     assert files(tmp_path) != state
     DiskStore(TABLES, WIDTH, tmp_path, resume=True)
     assert files(tmp_path) == state

@@ -134,6 +134,7 @@ JOURNAL_HEADER = struct.Struct("<8sIIQ")  # magic, version, floats per row, epoc
 JOURNAL_MAGIC, JOURNAL_VERSION = b"DLRMUNDO", 1
 RECORD_HEADER = struct.Struct("<4sII")  # magic, count, crc32
 RECORD_MAGIC = b"ROWS"
+JOURNAL_CHUNK_ROWS = 1 << 16  # rows per record at most (~5 MB for dim 16 + 1 state float)
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
@@ -348,15 +349,20 @@ class DiskStore:
         new = ids_np[((bits[ids_np >> 3] >> (ids_np & 7)) & 1) == 0]
         if not len(new):
             return
-        new = np.unique(new)
-        old = torch.from_numpy(new)
-        payload = b"".join([
-            new.astype("<i8").tobytes(),
-            self.packed[name].index_select(0, old).numpy().tobytes(),
-            self.written[name].index_select(0, old).numpy().tobytes(),
-        ])  # fmt: skip
-        self._append(name, RECORD_HEADER.pack(RECORD_MAGIC, len(new), zlib.crc32(payload)) + payload)
-        np.bitwise_or.at(bits, new >> 3, (1 << (new & 7)).astype(np.uint8))
+        # No np.unique (a sort per batch): a repeated id would be journaled twice with the same
+        # old contents, as its row is read before any of this batch's writes.
+        # Records of at most JOURNAL_CHUNK_ROWS rows bound the copies a big flush makes. A chunk is
+        # marked journaled at once: if a later one fails, its rows are still unchanged all the same.
+        for start in range(0, len(new), JOURNAL_CHUNK_ROWS):
+            chunk = new[start : start + JOURNAL_CHUNK_ROWS]
+            old = torch.from_numpy(chunk)
+            payload = b"".join([
+                chunk.astype("<i8").tobytes(),
+                self.packed[name].index_select(0, old).numpy().tobytes(),
+                self.written[name].index_select(0, old).numpy().tobytes(),
+            ])  # fmt: skip
+            self._append(name, RECORD_HEADER.pack(RECORD_MAGIC, len(chunk), zlib.crc32(payload)) + payload)
+            np.bitwise_or.at(bits, chunk >> 3, (1 << (chunk & 7)).astype(np.uint8))
 
     def _append(self, name: str, record: bytes) -> None:
         """Append `record` to the table's journal, or raise with the journal as it was before."""
