@@ -22,14 +22,20 @@ changes for the first time since the last flush, its old contents are appended t
 process crash (kill -9, OOM, exception) the page cache holds every journal record before the row
 it protects. `flush(step)` syncs the maps and files, then commits `store.json` (temp file, fsync,
 rename, fsync of the dir) with `"clean": true`, the `step` and a new `epoch`, and only then drops
-the journals. Reopening with `resume=True` replays a journal written in the manifest's epoch
-(the run died after its last flush), which rolls the files back to exactly the last flush; a
-journal from an older epoch is left over from a crash between the commit and its deletion and is
-ignored. A torn last record (death mid-append) is ignored: its rows were not written yet. With
-`durable=True` each journal append is also fdatasync'ed before the rows change, which extends
-the guarantee to an OS crash or power loss (see docs/benchmarks.md for its cost); without it, a
-power loss can leave any mix. `store.json` says `"clean": true` only after `flush()`; a store whose
-manifest says `"clean": false` was left by a run that did not finish flushing.
+the journals. A journal thus holds each row written since the last flush once: at most
+rows * (8 + 4 * (dim + width) + 1) bytes. `store.json` says `"clean": false` from the first write
+after a flush (`mark_dirty`) until the next flush.
+
+Reopening: `resume=False` creates a store and refuses a path that already holds one (nothing is
+ever truncated); `resume=True` reopens it (same tables, rows, dims, state width) and replays a
+journal written in the manifest's epoch (the run died after its last flush), which rolls the files
+back to exactly the last flush. A journal from an older epoch is left from a crash between the
+commit and its deletion and is ignored; a torn last record (death mid-append) is ignored, as its
+rows were not written yet. `emb.durable` (`durable=True`, off by default) also fdatasyncs each
+append before the rows change, which extends the guarantee to an OS crash or power loss (cost in
+docs/benchmarks.md); without it, a power loss can leave any mix. Disk full: `check_writable`
+wants room for the whole files up front, and a failing journal append raises before any row of
+its batch changes (a write through the map to a full disk is a SIGBUS: a crash, rolled back).
 """
 
 from __future__ import annotations
