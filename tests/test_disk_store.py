@@ -43,7 +43,8 @@ g = torch.Generator().manual_seed(0)
 
 def write(s, name, n):
     rows = s.spec[name].rows
-    s.write(name, torch.randperm(rows, generator=g)[:n], torch.randn(n, 4, generator=g), torch.rand(n, 1, generator=g))
+    ids = torch.randperm(rows, generator=g)[:n]
+    s.write(name, ids, torch.randn(n, 4, generator=g), torch.rand(n, 1, generator=g))
 
 def save_state():  # state A: copies of the files as the flush left them
     saved.mkdir()
@@ -195,7 +196,7 @@ def test_a_store_is_reused_only_when_resuming_and_only_if_it_matches(tmp_path):
     (tmp_path / "t_b.init.u8").write_bytes(b"\0" * 10)
     with pytest.raises(ValueError, match=r"t_b.init.u8 has 10 bytes, store.json implies 1000"):
         DiskStore(TABLES, WIDTH, tmp_path, resume=True)
-    with pytest.raises(ValueError, match=r"emb.path='.*elsewhere' holds no table store \(store.json\) to resume from"):
+    with pytest.raises(ValueError, match=r"emb.path='.*elsewhere' holds no table store \(store.json\) to resume"):
         DiskStore(TABLES, WIDTH, tmp_path / "elsewhere", resume=True)
 
 
@@ -248,5 +249,9 @@ def test_a_journal_left_from_before_the_last_flush_is_not_replayed(tmp_path, dur
     record = RECORD_HEADER.size + 128 * (8 + 5 * 4 + 1)
     assert (tmp_path / "t_a.undo").stat().st_size > JOURNAL_HEADER.size + 15 * record  # 16 records
     assert files(tmp_path) != state
+    manifest = json.loads((tmp_path / "store.json").read_text())
+    (tmp_path / "store.json").write_text(json.dumps({**manifest, "clean": True}))  # as if mark_dirty were lost
+    with pytest.raises(ValueError, match=r"t_a.undo holds writes after the last flush; reopen the store with resume"):
+        read_disk_table(tmp_path, "t_a")
     DiskStore(TABLES, WIDTH, tmp_path, resume=True)
     assert files(tmp_path) == state

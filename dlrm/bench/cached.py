@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--disk-rows", type=int, default=0, help="also bench one table of this many rows on disk")
     p.add_argument("--disk-full", action="store_true", help="and emb=full on that table (needs the RAM)")
     p.add_argument("--readahead", action="store_true", help="disk stores without MADV_RANDOM (emb.random_access=false)")
-    p.add_argument("--durable", action="store_true", help="disk stores fdatasync each undo-journal append (emb.durable=true)")
+    p.add_argument("--durable", action="store_true",
+                   help="disk stores fdatasync each undo-journal append (emb.durable=true)")
     p.add_argument("--only-disk", action="store_true", help="skip the Kaggle-shaped settings")
     p.add_argument("--disk-warm", choices=("counts", "ids"), default="counts",
                    help="big table: warm start from sampled counts (ids scattered) or ids (ids = ranks; "

@@ -490,7 +490,9 @@ def read_disk_table(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: store.json says the store was not flushed")
     journal = path / f"{name}.undo"
     if journal.exists() and _read_journal(journal, manifest.get("epoch", 0), t["dim"] + width)[0]:
-        raise ValueError(f"{path}: {journal.name} holds writes after the last flush; reopen the store with resume")
+        raise ValueError(
+            f"{path}: {journal.name} holds writes after the last flush; reopen the store with resume"
+        )
     packed = np.memmap(path / f"{name}.rows.f32", np.float32, "r", shape=(t["rows"], t["dim"] + width))
     w, s = np.array(packed[:, : t["dim"]]), packed[:, t["dim"] :]
     written = np.memmap(path / f"{name}.init.u8", np.uint8, "r", shape=(t["rows"],))
