@@ -3,7 +3,9 @@
 Per setting: the median step time of the embedding layer alone (forward + backward with the
 fused row-wise Adagrad update, plus the cache's unique / evict / write-back / load work), the
 cache hit rate, evictions and bytes moved per step, and what stays resident
-(`embedding_bytes()`, and the process RSS growth while building + training).
+(`embedding_bytes()`, and the process RSS growth while building + training), and for the disk
+store the time per step inside its undo journal (reading the old rows and appending them; with
+--durable also the fdatasync of each append).
 
 Tables: the 26 Kaggle tables capped at --max-rows; those with >= --min-rows rows are cached.
 Ids: Zipf(--alpha) ranks scattered over each table by a multiplicative hash (hot ids are not
@@ -21,7 +23,9 @@ only if --disk-full is given (full needs N * (dim + 1) * 4 bytes of RAM).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import os
 import shutil
 import statistics
 import tempfile
@@ -35,6 +39,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.data.schema import KAGGLE_CARDINALITIES, SPARSE
 from dlrm.embeddings import TableSpec, build_embeddings
+from dlrm.embeddings.cache_store import DiskStore
 
 SPREAD = 2654435761  # odd multiplier: a bijection of [0, rows) when gcd(SPREAD, rows) == 1
 
@@ -80,6 +85,25 @@ def rss_kinds() -> dict[str, int]:
     return out
 
 
+@contextlib.contextmanager
+def timed(owner, attr: str, into: list[float]):
+    """Wrap `owner.attr` so that each call appends its wall time (ms) to `into`; restored after."""
+    orig = getattr(owner, attr)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            into.append((time.perf_counter() - start) * 1e3)
+
+    setattr(owner, attr, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, orig)
+
+
 def bench(tables, cfg, batches, steps, warmup, dim) -> dict:
     optim = OmegaConf.create({"name": "rowwise_adagrad", "lr": 0.1, "eps": 1e-8})
     gc.collect()
@@ -88,12 +112,16 @@ def bench(tables, cfg, batches, steps, warmup, dim) -> dict:
     emb = build_embeddings(tables, cfg, optim, torch.device("cpu"))
     build_s = time.perf_counter() - t0
     grad = torch.randn(batches[0].stride(), dim * len(tables))
-    times = []
-    for k in range(warmup + steps):
-        start = time.perf_counter()
-        emb(batches[k % len(batches)]).values().backward(grad)
-        if k >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+    times, journal, sync, journal_steps, sync_steps = [], [], [], [], []
+    # The disk store's undo journal (and its fdatasync with emb.durable): time per step inside it.
+    with timed(DiskStore, "_journal", journal), timed(os, "fdatasync", sync):
+        for k in range(warmup + steps):
+            start, j0, s0 = time.perf_counter(), len(journal), len(sync)
+            emb(batches[k % len(batches)]).values().backward(grad)
+            if k >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+                journal_steps.append(sum(journal[j0:]))
+                sync_steps.append(sum(sync[s0:]))
     core = emb.parts[0] if hasattr(emb, "parts") else emb
     stats = emb.stats()
     t0 = time.perf_counter()
@@ -102,6 +130,8 @@ def bench(tables, cfg, batches, steps, warmup, dim) -> dict:
     flush_s = time.perf_counter() - t0
     result = {
         "step_ms": statistics.median(times),
+        "journal_ms": statistics.median(journal_steps),
+        "sync_ms": statistics.median(sync_steps),
         "hit_rate": stats.get("cache_hit_rate", float("nan")),
         "evictions": stats.get("cache_evictions_per_step", 0.0),
         "moved_mib": stats.get("cache_bytes_moved_per_step", 0.0) / 2**20,
@@ -135,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--disk-rows", type=int, default=0, help="also bench one table of this many rows on disk")
     p.add_argument("--disk-full", action="store_true", help="and emb=full on that table (needs the RAM)")
     p.add_argument("--readahead", action="store_true", help="disk stores without MADV_RANDOM (emb.random_access=false)")
+    p.add_argument("--durable", action="store_true",
+                   help="disk stores fdatasync each undo-journal append (emb.durable=true)")
     p.add_argument("--only-disk", action="store_true", help="skip the Kaggle-shaped settings")
     p.add_argument("--disk-warm", choices=("counts", "ids"), default="counts",
                    help="big table: warm start from sampled counts (ids scattered) or ids (ids = ranks; "
@@ -146,11 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
     def cached_cfg(store, counts, min_rows, sub):
+        shutil.rmtree(root / sub, ignore_errors=True)  # a store left by an earlier run: start afresh
         return OmegaConf.create({
             "name": "cached", "dim": args.dim, "pooling": "sum", "check_ids": True, "store": store,
             "cache_rows": None, "cache_fraction": args.cache_fraction, "policy": args.policy,
             "warm_start": "counts", "counts": str(counts), "path": str(root / sub),
             "min_rows": min_rows, "tables": None, "random_access": not args.readahead,
+            "durable": args.durable,
         })  # fmt: skip
 
     rows_out = []
@@ -193,14 +227,16 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"threads={args.threads} batch={args.batch_size} dim={args.dim} alpha={args.alpha} "
           f"cache_fraction={args.cache_fraction} policy={args.policy} warmup={args.warmup} "
-          f"steps={args.steps} batches={args.batches} readahead={args.readahead}\n")
+          f"steps={args.steps} batches={args.batches} readahead={args.readahead} durable={args.durable}\n")
     print("| setting | tables | step ms | hit rate | evictions/step | MiB moved/step | "
-          "embedding MiB (resident) | full MiB | RSS anon growth MiB | RSS file growth MiB | build s | flush s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "embedding MiB (resident) | full MiB | RSS anon growth MiB | RSS file growth MiB | build s | flush s | "
+          "journal ms/step | of it fdatasync |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:
         print(f"| {r['setting']} | {r['tables']} | {r['step_ms']:.2f} | {r['hit_rate']:.3f} | "
               f"{r['evictions']:.0f} | {r['moved_mib']:.2f} | {r['emb_mib']:.1f} | {r['full_mib']:.1f} | "
-              f"{r['anon_mib']:.0f} | {r['file_mib']:.0f} | {r['build_s']:.1f} | {r['flush_s']:.2f} |")
+              f"{r['anon_mib']:.0f} | {r['file_mib']:.0f} | {r['build_s']:.1f} | {r['flush_s']:.2f} | "
+              f"{r['journal_ms']:.2f} | {r['sync_ms']:.2f} |")
 
 
 if __name__ == "__main__":

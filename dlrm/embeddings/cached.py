@@ -172,7 +172,8 @@ class CachedEmbeddings(EmbeddingBackend):
             self.store = HostStore(self.tables, width)
         elif self.store_kind == "disk":
             self.store = DiskStore(
-                self.tables, width, self._disk_path(cfg), bool(cfg.get("random_access", True))
+                self.tables, width, self._disk_path(cfg), bool(cfg.get("random_access", True)),
+                resume=bool(cfg.get("resume", False)), durable=bool(cfg.get("durable", False)),
             )
         else:
             self.store = None
@@ -334,12 +335,16 @@ class CachedEmbeddings(EmbeddingBackend):
     def flush(self, step: int | None = None) -> None:
         """Write every cached row and its optimizer state back to the cold store and sync it.
 
-        The cache stays valid (rows remain cached), so training can continue after a flush.
+        The cache stays valid (rows remain cached), so training can continue after a flush. A disk
+        store records `step` as its `committed_step`: a crash later rolls it back to this flush.
         """
         if self.store_kind == "tt":
             return
-        self._write_back_all()
-        self.store.flush()
+        # With no forward since the last flush the cached rows are as written back then; writing
+        # them again would make the store commit anew and forget the step of that flush.
+        if not self._flushed_clean:
+            self._write_back_all()
+        self.store.flush(step)
         self._flushed_clean = True  # the next forward marks a disk store dirty again
 
     def _write_back_all(self) -> None:
@@ -515,8 +520,9 @@ class CachedEmbeddings(EmbeddingBackend):
             self._resize({n: max(current[n], distinct[n]) for n in current})
         elif current != self.base_caps and self._fit_streak >= self.shrink_after:
             self._resize(dict(self.base_caps))
-        if self.store_kind == "disk" and self._flushed_clean:
-            self.store.mark_dirty()
+        if self._flushed_clean:
+            if self.store_kind == "disk":
+                self.store.mark_dirty()
             self._flushed_clean = False
         remapped = [
             self._admit(i, t, uid, uses)[inverse] for i, (t, (uid, inverse, uses)) in enumerate(zip(self.tables, per_table))
