@@ -16,6 +16,7 @@ BACKENDS = {
     "tt": ["emb=tt", "emb.min_rows=500", "rank=4"],
     # a 20% cache of 2,000-row tables: rows are evicted (by score) and written back every step
     "cached_host": ["emb=cached", "emb.min_rows=500", "emb.cache_rows=400"],
+    "cached_disk": ["emb=cached", "emb.store=disk", "emb.min_rows=500", "emb.cache_rows=400"],
     "cached_tt": ["emb=cached", "emb.store=tt", "emb.min_rows=500", "emb.cache_rows=400", "rank=4"],
 }
 
@@ -66,3 +67,30 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(compose_cfg, tiny
         )
     with pytest.raises(FileNotFoundError, match="trainer.resume=.*no checkpoints there"):
         run(compose_cfg(f"trainer.resume={tmp_path / 'nowhere'}"), tmp_path / "none")
+
+
+def test_a_run_that_dies_after_a_checkpoint_resumes_from_it_with_a_disk_store(
+    compose_cfg, tiny_dataset, tmp_path, monkeypatch
+):
+    # The first run dies at its final checkpoint (step 8): its disk store was written in place
+    # after the step-5 checkpoint, and its undo journal rolls it back to step 5 on resume.
+    from dlrm.trainer import Trainer
+
+    extra = BACKENDS["cached_disk"]
+    straight = run(compose_cfg(*extra, "trainer.max_steps=16"), tmp_path / "straight")
+    save = Trainer.save_checkpoint
+
+    def dies_at_8(self):
+        if self.state.step == 8:
+            raise RuntimeError("killed")
+        return save(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", dies_at_8)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(compose_cfg(*extra, "trainer.max_steps=8", "trainer.checkpoint_every=5"), tmp_path / "first")
+    monkeypatch.undo()
+    assert sorted(checkpoint_files(tmp_path / "first" / CHECKPOINT_DIR)) == [5]
+    resumed = run(
+        compose_cfg(*extra, "trainer.max_steps=16", f"trainer.resume={tmp_path / 'first'}"), tmp_path / "resumed"
+    )
+    assert _metrics(resumed) == pytest.approx(_metrics(straight), abs=1e-6)
