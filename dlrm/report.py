@@ -31,6 +31,8 @@ BASELINE = "full"
 # Keys that must match for a group to be compared with a full group: same dataset, same towers,
 # same number and size of steps, same eval split. Everything else (lr, threads, ...) may differ.
 SAME_FOR_BASELINE = ("data.", "model.", "trainer.max_steps", "trainer.batch_size", "trainer.eval_batches")
+# ... except how the data is read, which does not change what it is.
+LOADING_ONLY = ("data.workers", "data.root")
 # Keys that describe the backend, not the setting it is compared in.
 BACKEND_KEYS = ("emb.", "rank", "compression")
 NOISE_SIGMAS = 2.0
@@ -253,9 +255,16 @@ def _fmt_value(v) -> str:
     return "[" + ",".join(_fmt_value(x) for x in v) + "]" if isinstance(v, tuple) else str(v)
 
 
+def _value(cfg: dict, key: str):
+    """A config value, with unset (missing, null, empty) as one value: a key added to the config
+    later (null by default) must not make old runs incomparable with new ones."""
+    v = cfg.get(key)
+    return None if v is None or v == {} or v == [] else v
+
+
 def _matches(a: dict, b: dict, prefixes) -> bool:
-    keys = {k for k in a.keys() | b.keys() if k.startswith(prefixes)}
-    return all(a.get(k, _MISSING) == b.get(k, _MISSING) for k in keys)
+    keys = {k for k in a.keys() | b.keys() if k.startswith(prefixes) and k not in LOADING_ONLY}
+    return all(_value(a, k) == _value(b, k) for k in keys)
 
 
 def _add_baseline(df: pd.DataFrame) -> None:
@@ -282,7 +291,7 @@ def _add_baseline(df: pd.DataFrame) -> None:
 def _distance(a: dict, b: dict) -> int:
     """Differences outside the backend's own keys (lr, threads, ...): the fewest = fairest baseline."""
     keys = {k for k in a.keys() | b.keys() if not k.startswith(BACKEND_KEYS)}
-    return sum(a.get(k, _MISSING) != b.get(k, _MISSING) for k in keys)
+    return sum(_value(a, k) != _value(b, k) for k in keys)
 
 
 # ----------------------------------------------------------------------------- Optuna

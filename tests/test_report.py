@@ -117,6 +117,20 @@ def test_no_baseline_when_data_differs(tmp_path: Path):
     assert math.isnan(hashed["auc_diff_vs_full"]) and hashed["n_seeds"] == 2
 
 
+def test_a_config_key_added_later_as_null_keeps_runs_comparable(tmp_path: Path):
+    # Runs from before a key existed (no data.table_rows, multi_hot {}) against runs after it
+    # (null defaults): the same data, so the baseline still applies.
+    new_data = {"name": "synthetic", "seed": 0, "rows": 1000, "table_rows": None, "multi_hot": None,
+                "workers": 0}  # how the data is read is not what it is
+    for seed in (1, 2):
+        make_run(tmp_path, seed, backend="full", seed=seed, auc=0.7,
+                 knobs={"data": {"name": "synthetic", "seed": 0, "rows": 1000, "multi_hot": {}}})
+        make_run(tmp_path, 10 + seed, backend="cached", seed=seed, auc=0.69, knobs={"data": new_data})
+    groups = report.group_runs([report.load_run(p) for p in report.find_run_dirs(tmp_path)])
+    cached = groups[groups["backend"] == "cached"].iloc[0]
+    assert cached["auc_diff_vs_full"] == pytest.approx(-0.01)
+
+
 def test_cli_writes_table_csv_and_png_and_lists_failures(sweep: Path, tmp_path: Path, capsys):
     import matplotlib.image
 
