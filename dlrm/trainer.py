@@ -94,6 +94,9 @@ class Trainer:
         self.model.train()
         timed_from = None
         first_step = state.step  # > 0 when resumed: warm-up counts from here
+        # A run shorter than its warm-up still times its second half, so results.json never
+        # holds NaN step times (not valid JSON for strict readers).
+        warmup = min(cfg.warmup_steps, (cfg.max_steps - first_step) // 2)
         every = cfg.get("checkpoint_every", 0)
         while state.step < cfg.max_steps:
             # A resumed run skips the batches its checkpoint already trained on.
@@ -104,7 +107,7 @@ class Trainer:
                 state.step += 1
                 state.epoch_batches += 1
                 state.samples += len(batch)
-                if state.step - first_step > cfg.warmup_steps:
+                if state.step - first_step > warmup:
                     if timed_from is None:  # end-to-end clock starts after warm-up
                         timed_from = t0
                     state.step_times.append(t1 - t0)

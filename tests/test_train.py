@@ -44,6 +44,16 @@ def test_short_run_writes_results_and_tensorboard(compose_cfg, tiny_dataset, tmp
     assert "embeddings/text_summary" in events.Tags()["tensors"]
 
 
+def test_a_run_shorter_than_its_warm_up_still_reports_step_times(compose_cfg, tiny_dataset, tmp_path):
+    run(compose_cfg("trainer.max_steps=4", "trainer.warmup_steps=10"), tmp_path)
+
+    def no_nan(token):
+        raise AssertionError(f"results.json holds {token}, which strict JSON readers reject")
+
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=no_nan)
+    assert results["step_time_ms"] > 0 and results["samples_per_s"] > 0
+
+
 def test_training_learns_above_chance(compose_cfg, tiny_dataset, tmp_path):
     results = run(compose_cfg("trainer.max_steps=150", "seed=3"), tmp_path)
     assert results["auc"] > 0.62, results  # chance is 0.5; the teacher's ceiling ~0.84
