@@ -204,7 +204,8 @@ def main(cfg: DictConfig) -> float:
             # sweeper see the failure.
             log.exception("run failed: %s", e)
             raise
-        if not isinstance(e, (ConfigError, FileNotFoundError, ValueError, FloatingPointError)):
+        # bad input and a full or unwritable disk (OSError) get one line; anything else is a bug
+        if not isinstance(e, (ConfigError, OSError, ValueError, FloatingPointError)):
             raise  # a bug: keep the traceback
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)  # one clear line for bad input

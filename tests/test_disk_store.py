@@ -200,6 +200,21 @@ def test_a_store_is_reused_only_when_resuming_and_only_if_it_matches(tmp_path):
         DiskStore(TABLES, WIDTH, tmp_path / "elsewhere", resume=True)
 
 
+def test_a_full_disk_fails_when_the_store_is_made_not_at_a_write(tmp_path, monkeypatch):
+    store = DiskStore(TABLES, WIDTH, tmp_path / "ok")
+    for t in TABLES:  # blocks reserved: a write through the map never meets a full disk
+        f = store.rows_file(t.name)
+        assert f.stat().st_blocks * 512 >= f.stat().st_size
+
+    def disk_full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_store.os, "posix_fallocate", disk_full)
+    with pytest.raises(OSError, match=r"^\[Errno 28\] disk store .*full: cannot reserve .* GiB for t_a.rows.f32 "
+                                      r"\(No space left on device\)"):  # fmt: skip
+        DiskStore(TABLES, WIDTH, tmp_path / "full")
+
+
 def test_a_failing_journal_write_changes_no_row(tmp_path, monkeypatch):
     store = DiskStore(TABLES, WIDTH, tmp_path)
     write(store, "t_a", torch.arange(0, 400), seed=0)
