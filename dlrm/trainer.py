@@ -144,6 +144,7 @@ class Trainer:
         """The whole training state as checkpoints/step-N.pt; then the embeddings' external
         store (if any) is committed at the same step (order: see dlrm/checkpoint.py)."""
         s, backend = self.state, self.model.sparse_arch
+        t0 = time.perf_counter()
         payload = {
             "step": s.step,
             "epoch": s.epoch,
@@ -158,7 +159,7 @@ class Trainer:
         path = checkpoint.save(self.checkpoint_dir, s.step, payload)
         backend.flush(step=s.step)
         checkpoint.prune(self.checkpoint_dir)
-        log.info("checkpoint %s", path)
+        log.info("checkpoint %s (%.2f GB, %.1f s)", path, path.stat().st_size / 1e9, time.perf_counter() - t0)
         return path
 
     def resume(self, source: str | Path) -> Path:
