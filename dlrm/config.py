@@ -60,6 +60,9 @@ def validate(cfg: DictConfig) -> None:
     for m in [metric] if isinstance(metric, str) else list(metric):
         if m not in METRICS:
             raise ConfigError(f"trainer.metric={m!r}: choose from {list(METRICS)} (or a list of them)")
+    resume = cfg.trainer.get("resume")
+    if resume is not None and not isinstance(resume, str):
+        raise ConfigError(f"trainer.resume={resume!r} must be a run directory or checkpoint path")
     for key, choices in CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}={_get(cfg, key)!r}: choose one of {list(choices)}")

@@ -65,6 +65,8 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(compose_cfg, tiny
             compose_cfg("trainer.max_steps=6", "model.top_mlp=[32,1]", f"trainer.resume={tmp_path / 'first'}"),
             tmp_path / "other",
         )
+    with pytest.raises(ValueError, match=r"trainer.resume=123 must be a run directory"):
+        run(compose_cfg("trainer.resume=123"), tmp_path / "int")
     with pytest.raises(FileNotFoundError, match="trainer.resume=.*no checkpoints there"):
         run(compose_cfg(f"trainer.resume={tmp_path / 'nowhere'}"), tmp_path / "none")
 
