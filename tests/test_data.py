@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -172,6 +173,12 @@ def test_loader_bad_input(tmp_path, tiny_dataset):
     pq.write_table(pq.read_table(part).drop(["C7", "I3"]), part)
     with pytest.raises(ValueError, match=r"missing columns \['I3', 'C7'\]"):
         ParquetLoader(broken, "eval", 8)
+    # a missing label or id is an error naming the file, not a silent 0
+    table = pq.read_table(tiny_dataset / DatasetMeta.load(tiny_dataset).splits["eval"][0])
+    labels = pa.array([None] + table.column("label").to_pylist()[1:], pa.int8())
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", labels), part)
+    with pytest.raises(ValueError, match=r"part-.*: row group 0: missing values in \['label'\]"):
+        list(ParquetLoader(broken, "eval", 8).epoch(0))
     # a truncated parquet file
     data = part.read_bytes()
     part.write_bytes(data[: len(data) // 2])

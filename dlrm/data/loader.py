@@ -55,7 +55,8 @@ class Batch:
 
 
 def _column(table: pa.Table, name: str) -> torch.Tensor:
-    """One column as one contiguous tensor, missing values as 0."""
+    """One column as one contiguous tensor, missing counts (I1..I13) as 0 per Criteo convention
+    (labels and ids were checked for nulls when read: `_read`)."""
     col = table.column(name)
     if col.null_count:
         col = col.fill_null(0)
@@ -164,6 +165,19 @@ class _EpochShards(torch.utils.data.IterableDataset):
 def _single_hot_offsets(n: int) -> torch.Tensor:
     """0..n, shared by every full single-hot batch (read-only; built once per size)."""
     return torch.arange(n + 1)
+
+
+def _read(pf: pq.ParquetFile, path: Path, group: int) -> pa.Table:
+    """One row group, with a clear error for an unreadable one or for missing labels or ids
+    (a missing count means 0; a missing label or id has no such meaning, so never a silent 0)."""
+    try:
+        table = pf.read_row_group(group)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path}: row group {group} unreadable ({e})") from None
+    nulls = [c for c in (LABEL, *SPARSE) if table.column(c).null_count]
+    if nulls:
+        raise ValueError(f"{path}: row group {group}: missing values in {nulls} (only I1..I13 may be missing)")
+    return table
 
 
 def _cap(ids: np.ndarray, cap: int | None) -> np.ndarray:
@@ -314,10 +328,7 @@ class ParquetLoader:
                 path, group, _ = self.row_groups[i]
                 if path not in files:
                     files[path] = pq.ParquetFile(path)
-                try:
-                    tables.append(files[path].read_row_group(group))
-                except (pa.ArrowInvalid, OSError) as e:
-                    raise ValueError(f"{path}: row group {group} unreadable ({e})") from None
+                tables.append(_read(files[path], path, group))
             table = pa.concat_tables(tables)  # no copy; each column is joined once in _column
             n = table.num_rows
             perm = row_rng.permutation(n) if self.shuffle else np.arange(n)
