@@ -505,6 +505,10 @@ class CachedEmbeddings(EmbeddingBackend):
             key += n
         if self.store_kind == "tt":
             return self._forward_tt(features, per_table)
+        if self._flushed_clean:  # before the first write after a flush (a resize writes back)
+            if self.store_kind == "disk":
+                self.store.mark_dirty()
+            self._flushed_clean = False
         current = {t.name: self.caches[t.name].capacity for t in self.tables}
         distinct = {t.name: len(u) for t, (u, _, _) in zip(self.tables, per_table)}
         fits = all(distinct[n] <= self.base_caps[n] for n in distinct)
@@ -520,10 +524,6 @@ class CachedEmbeddings(EmbeddingBackend):
             self._resize({n: max(current[n], distinct[n]) for n in current})
         elif current != self.base_caps and self._fit_streak >= self.shrink_after:
             self._resize(dict(self.base_caps))
-        if self._flushed_clean:
-            if self.store_kind == "disk":
-                self.store.mark_dirty()
-            self._flushed_clean = False
         remapped = [
             self._admit(i, t, uid, uses)[inverse] for i, (t, (uid, inverse, uses)) in enumerate(zip(self.tables, per_table))
         ]
