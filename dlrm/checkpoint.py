@@ -17,13 +17,14 @@ whose step the store committed.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from dlrm.io import atomic_path
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP = 2  # newest checkpoints kept: see the module docstring
@@ -45,12 +46,8 @@ def save(directory: Path, step: int, payload: dict) -> Path:
     """Write `payload` as step-<step>.pt: to a temp file, synced, then renamed into place."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step}.pt"
-    tmp = directory / f".step-{step}.pt.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    with atomic_path(final, durable=True) as tmp:
+        torch.save(payload, tmp)
     return final
 
 

@@ -6,6 +6,8 @@ naming the key, not after minutes of data generation.
 
 from __future__ import annotations
 
+import json
+
 from omegaconf import DictConfig
 
 # key -> (type, minimum); bools are rejected where an int is expected.
@@ -39,16 +41,36 @@ class ConfigError(ValueError):
     pass
 
 
-def _get(cfg: DictConfig, key: str):
+def get_dotted(cfg, key: str):
+    """cfg["a"]["b"] for key "a.b" (a DictConfig or a plain dict); KeyError names the key."""
     node = cfg
     for part in key.split("."):
         node = node[part]
     return node
 
 
+def flatten(node, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples so values can key a group (the report)
+    and dicts inside lists become sorted JSON strings."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(node, list):
+        return {prefix: tuple(_hashable(v) for v in node)}
+    return {prefix: node}
+
+
+def _hashable(v):
+    if isinstance(v, list):
+        return tuple(_hashable(x) for x in v)
+    return json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
+
+
 def validate(cfg: DictConfig) -> None:
     for key, (kind, minimum) in CHECKS.items():
-        value = _get(cfg, key)
+        value = get_dotted(cfg, key)
         ok = isinstance(value, kind) and not isinstance(value, bool)
         if kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -64,5 +86,5 @@ def validate(cfg: DictConfig) -> None:
     if resume is not None and not isinstance(resume, str):
         raise ConfigError(f"trainer.resume={resume!r} must be a run directory or checkpoint path")
     for key, choices in CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}={_get(cfg, key)!r}: choose one of {list(choices)}")
+        if get_dotted(cfg, key) not in choices:
+            raise ConfigError(f"{key}={get_dotted(cfg, key)!r}: choose one of {list(choices)}")

@@ -26,6 +26,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from dlrm.config import flatten
+
 BACKEND_ORDER = ["full", "hashed", "qr", "tt", "cached"]
 BASELINE = "full"
 # Keys that must match for a group to be compared with a full group: same dataset, same towers,
@@ -81,24 +83,6 @@ def find_run_dirs(root: Path) -> list[Path]:
 def _natural_key(path: Path) -> list:
     # multirun/.../10 after .../9
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
-
-
-def flatten(node, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples so values can key a group."""
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(node, list):
-        return {prefix: tuple(_hashable(v) for v in node)}
-    return {prefix: node}
-
-
-def _hashable(v):
-    if isinstance(v, list):
-        return tuple(_hashable(x) for x in v)
-    return json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
 
 
 def _read_yaml(path: Path):

@@ -21,6 +21,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from dlrm.io import atomic_write_text
+
 RESULTS_FILE = "results.json"
 
 
@@ -68,11 +70,7 @@ class Telemetry:
 
     def write_results(self, results: dict) -> Path:
         """results.json, written to a temporary name and renamed: never half-written."""
-        path = self.out_dir / RESULTS_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write_text(self.out_dir / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
     def close(self) -> None:
         self.writer.close()

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlrm import checkpoint
-from dlrm.config import ConfigError, validate
+from dlrm.config import ConfigError, flatten, validate
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
@@ -162,17 +162,8 @@ def _hparams(cfg: DictConfig) -> dict:
     """The knobs a sweep varies, flattened for TensorBoard's HPARAMS tab."""
     flat = {"emb": cfg.emb.name, "seed": cfg.seed, "data": cfg.data.name}
     for group in ("emb", "optim", "trainer"):
-        for key, value in _flatten(OmegaConf.to_container(cfg[group], resolve=True), group):
-            flat[key] = value
+        flat.update(flatten(OmegaConf.to_container(cfg[group], resolve=True), group))
     return flat
-
-
-def _flatten(node, prefix: str):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _flatten(v, f"{prefix}.{k}")
-    else:
-        yield prefix, node
 
 
 def summary(results: dict, out_dir: Path) -> str:

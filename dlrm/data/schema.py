@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dlrm.io import atomic_write_text
+
 LABEL = "label"
 DENSE = [f"I{i}" for i in range(1, 14)]
 SPARSE = [f"C{i}" for i in range(1, 27)]
@@ -38,9 +40,7 @@ class DatasetMeta:
 
     def save(self, directory: Path) -> None:
         # Write-then-rename, so a crash never leaves a half-written meta.json that looks valid.
-        tmp = Path(directory) / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(Path(directory) / META_FILE)
+        atomic_write_text(Path(directory) / META_FILE, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> "DatasetMeta":
