@@ -1,11 +1,12 @@
 """DLRM from torchrec's building blocks, on top of any embedding backend.
 
     dense [B, 13] --DenseArch (bottom MLP)--> [B, D] --\
-                                                         InteractionArch (pairwise dots) --> OverArch (top MLP) --> logit [B]
+                                                         DotInteraction (pairwise dots) --> OverArch (top MLP) --> logit [B]
     ids (KJT) --embedding backend--> [B, F, D] ---------/
 
-The backend runs in fp32 outside autocast (tables and TT cores keep full precision); the MLPs and
-the interaction run under autocast when `precision` is bf16/fp16, which is where the FLOPs are.
+The backend runs in fp32 outside autocast (tables and TT cores keep full precision); the two MLPs
+run under autocast when `precision` is bf16/fp16, which is where the FLOPs are; the
+dot interaction runs in fp32 (small matrices: casting costs more than it saves).
 
 Example::
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
+from torchrec.models.dlrm import DenseArch, OverArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend
@@ -42,6 +43,53 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+class _PairwiseDots(torch.autograd.Function):
+    """`t [B, N, D] -> z [B, N(N-1)/2]`, the strict upper triangle of `t @ t^T`, row-major.
+
+    Backward scatters the incoming gradient once into a flat `[B, N*N]` buffer (one `index_copy_`
+    along a contiguous dim) and returns `(G + G^T) @ t`: one more `bmm`, instead of autograd's
+    advanced-index `index_put_` (accumulating, sort-based on CPU) plus two `bmm`s.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(t, flat_index)
+        z = torch.bmm(t, t.transpose(1, 2))  # [B, N, N]
+        return z.view(t.shape[0], -1).index_select(1, flat_index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        t, flat_index = ctx.saved_tensors
+        b, n, _ = t.shape
+        g = torch.zeros(b, n * n, dtype=t.dtype, device=t.device)
+        g.index_copy_(1, flat_index, grad.to(t.dtype))
+        g = g.view(b, n, n)
+        return torch.bmm(g + g.transpose(1, 2), t), None
+
+
+class DotInteraction(nn.Module):
+    """DLRM's dot interaction: `dense [B, D], sparse [B, F, D] -> [B, D + (F+1)F/2]`.
+
+    The same output, in the same order, as torchrec's `InteractionArch` (the dense vector, then
+    the upper triangle of the pairwise dot products of the F+1 vectors, row-major; Naumov et al.
+    2019, "Deep Learning Recommendation Model"), computed in fp32 outside autocast: on 27 x 16
+    matrices fp32 beats bf16 (no casts; docs/benchmarks.md, "The interaction"), and the top
+    MLP casts its input anyway. The backward is `_PairwiseDots`' (2x faster than torchrec's).
+    """
+
+    def __init__(self, num_sparse_features: int) -> None:
+        super().__init__()
+        n = num_sparse_features + 1
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        self.register_buffer("flat_index", rows * n + cols, persistent=False)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=dense.device.type, enabled=False):
+            dense = dense.float()
+            t = torch.cat([dense.unsqueeze(1), sparse.float()], dim=1)  # [B, F+1, D]
+            return torch.cat([dense, _PairwiseDots.apply(t, self.flat_index)], dim=1)
 
 
 class DLRM(nn.Module):
@@ -72,7 +120,7 @@ class DLRM(nn.Module):
         self.amp_dtype = AMP_DTYPES[precision]
         self.sparse_arch = embeddings
         self.dense_arch = DenseArch(dense_in, list(bottom_mlp))
-        self.inter_arch = InteractionArch(num_sparse_features=self.num_features)
+        self.inter_arch = DotInteraction(self.num_features)
         f = self.num_features
         # InteractionArch emits the dense vector plus the (F + 1) choose 2 pairwise dots.
         self.over_arch = OverArch(dim + f + f * (f - 1) // 2, list(top_mlp))
