@@ -31,6 +31,7 @@ CHECKS: dict[str, tuple[type, float | None]] = {
 CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
+    "trainer.compile": ("auto", True, False),
 }
 # What a sweeper may optimize: one results.json key, or a list for multi-objective search
 # (e.g. [auc, embedding_bytes] with Optuna's NSGA-II sampler).

@@ -124,15 +124,16 @@ class DLRM(nn.Module):
         f = self.num_features
         # InteractionArch emits the dense vector plus the (F + 1) choose 2 pairwise dots.
         self.over_arch = OverArch(dim + f + f * (f - 1) // 2, list(top_mlp))
+        self.compiled_dense_forward = None  # set by dlrm.compile.enable (trainer.compile)
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Parameters for the dense optimizer: everything but the embedding backend's."""
         sparse = {id(p) for p in self.sparse_arch.parameters()}
         return [p for p in self.parameters() if id(p) not in sparse]
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.sparse_arch(sparse).values()  # [B, F * D], fp32
-        embedded = pooled.view(-1, self.num_features, self.dim)
+    def dense_forward(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """Everything after the embedding lookup: `dense [B, 13], embedded [B, F, D] -> logits [B]`
+        (fp32). What `trainer.compile` compiles (dlrm/compile.py)."""
         with torch.autocast(
             device_type=dense.device.type,
             dtype=self.amp_dtype or torch.float32,
@@ -140,3 +141,12 @@ class DLRM(nn.Module):
         ):
             x = self.inter_arch(self.dense_arch(dense), embedded)
             return self.over_arch(x).squeeze(1).float()
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.sparse_arch(sparse).values()  # [B, F * D], fp32
+        embedded = pooled.view(-1, self.num_features, self.dim)
+        compiled = self.compiled_dense_forward
+        # training only: evaluation stays eager rather than compile a second (no-grad) graph
+        if compiled is not None and self.training:
+            return compiled(dense, embedded)
+        return self.dense_forward(dense, embedded)

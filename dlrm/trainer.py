@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from dlrm import checkpoint
+from dlrm import compile as compile_step
 from dlrm.data.loader import ParquetLoader
 from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.metrics import EvalMetrics
@@ -39,9 +40,11 @@ DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "s
 
 
 def dense_optimizer(params: list, cfg: DictConfig) -> torch.optim.Optimizer:
+    """The MLPs' optimizer, fused (one kernel over all parameters instead of a dozen ops per
+    tensor: docs/benchmarks.md, "Precision and the dense optimizer"); same update as unfused."""
     if cfg.name not in DENSE_OPTIMIZERS:
         raise ValueError(f"optim.dense.name={cfg.name!r}: choose one of {sorted(DENSE_OPTIMIZERS)}")
-    return DENSE_OPTIMIZERS[cfg.name](params, lr=cfg.lr)
+    return DENSE_OPTIMIZERS[cfg.name](params, lr=cfg.lr, fused=True)
 
 
 @dataclass
@@ -77,6 +80,9 @@ class Trainer:
         self.dense_params = model.dense_parameters()
         self.optimizers = [dense_optimizer(self.dense_params, cfg.optim.dense)]
         self.optimizers += model.sparse_arch.optimizers()
+        self.compile_pending = compile_step.should_compile(self.cfg.get("compile", False), self.cfg.max_steps, device)
+        if self.compile_pending:
+            compile_step.enable(model)
         self.state = TrainState()
         self.checkpoint_dir = checkpoint_dir if self.cfg.get("checkpoint_every", 0) else None
         if self.checkpoint_dir is not None:
@@ -182,6 +188,17 @@ class Trainer:
         return path
 
     def train_step(self, batch) -> torch.Tensor:
+        if self.compile_pending:  # the first compiled step: fall back to eager if compiling fails
+            self.compile_pending = False
+            try:
+                return self._step(batch)
+            except FloatingPointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - inductor/dynamo raise many kinds; all mean "no compile"
+                compile_step.disable(self.model, e)
+        return self._step(batch)
+
+    def _step(self, batch) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
         logits = self.model(batch.dense, batch.sparse)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
