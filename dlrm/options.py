@@ -20,6 +20,8 @@ from typing import Any
 class ConfigError(ValueError):
     """Bad configuration: the message is one line that names the key (e.g. `emb.store='dsk'`)."""
 
+    __module__ = "dlrm.config"  # its public home (users and sweep logs name dlrm.config.ConfigError)
+
 
 @dataclass(frozen=True)
 class Opt:
