@@ -39,7 +39,7 @@ TRAINER = {
     "threads": Opt(int, min=0),
     "progress": Opt(bool),
     "checkpoint_every": Opt(int, min=0),
-    "resume": Opt(str, nullable=True),
+    "resume": Opt(str, nullable=True, what="a run directory or checkpoint path"),
     "metric": Opt((str, list)),
 }
 _DATA_COMMON = {

@@ -34,6 +34,7 @@ class Opt:
     min: float | None = None
     choices: tuple | None = None
     nullable: bool = False
+    what: str | None = None  # what a value is, for the message (default: from `kind`)
 
     def check(self, key: str, value: Any) -> None:
         """Raise ConfigError naming `key` if `value` does not fit this option."""
@@ -49,7 +50,8 @@ class Opt:
             return
         kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
         if not any(_is(value, k) for k in kinds):
-            raise ConfigError(f"{key}={value!r} must be {' or '.join(_NAMES.get(k, k.__name__) for k in kinds)}")
+            what = self.what or " or ".join(_NAMES.get(k, k.__name__) for k in kinds)
+            raise ConfigError(f"{key}={value!r} must be {what}")
         if self.min is not None and _is(value, float) and value < self.min:
             raise ConfigError(f"{key}={value!r} must be >= {self.min:g}")
 
