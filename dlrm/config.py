@@ -66,9 +66,10 @@ DATA = {  # by data.name
     },
     "parquet": {**_DATA_COMMON, "path": Opt(str)},
 }
-MODEL = {
-    "bottom_mlp": Opt(list),
-    "top_mlp": Opt(list),
+_TOWERS = {"name": Opt(str, choices=("dlrm", "dcnv2")), "bottom_mlp": Opt(list), "top_mlp": Opt(list)}
+MODEL = {  # by model.name
+    "dlrm": _TOWERS,
+    "dcnv2": {**_TOWERS, "cross_layers": Opt(int, min=1), "low_rank": Opt(int, min=1)},
 }
 OPTIM = {
     "dense": {"name": Opt(str, choices=("adam", "adagrad", "sgd")), "lr": Opt(float, min=0)},
@@ -123,7 +124,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.metric={m!r}: choose from {list(METRICS)} (or a list of them)")
     data_schema = DATA.get(cfg.data.name, DATA["parquet"])  # criteo_* are parquet datasets
     check_options(cfg.data, data_schema, "data")
-    check_options(cfg.model, MODEL, "model")
+    Opt(str, choices=tuple(MODEL)).check("model.name", cfg.model.name)
+    check_options(cfg.model, MODEL[cfg.model.name], "model")
     for part in ("dense", "sparse"):
         check_options(cfg.optim[part], OPTIM[part], f"optim.{part}")
     check_options(cfg.optim, {"dense": Opt(dict), "sparse": Opt(dict)}, "optim")
