@@ -54,11 +54,15 @@ def should_compile(value, steps_to_go: int, device: torch.device) -> bool:
     return bool(value)
 
 
-def enable(model) -> None:
+def enable(model) -> bool:
     """Compile `model.dense_forward` (lazily: the work happens at the first training step), with
-    the inductor cache in `cache_dir()`."""
+    the inductor cache in `cache_dir()`. False, with one warning, for a model without one."""
+    if not hasattr(model, "dense_forward"):
+        log.warning("trainer.compile: %s has no dense_forward to compile; running eager", type(model).__name__)
+        return False
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
     model.compiled_dense_forward = torch.compile(model.dense_forward, dynamic=False)
+    return True
 
 
 def disable(model, error: BaseException) -> None:

@@ -28,11 +28,13 @@ from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
 from dlrm.embeddings import TableSpec, build_embeddings
+from dlrm.dcn import DLRMDCN
 from dlrm.model import DLRM, resolve_precision
 from dlrm.telemetry import Telemetry
 from dlrm.trainer import Trainer
 
 log = logging.getLogger("dlrm")
+MODELS = {"dlrm": DLRM, "dcnv2": DLRMDCN}  # model.name -> the model class (conf/model/)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,13 +111,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     ]
     embeddings = build_embeddings(tables, cfg.emb, cfg.optim.sparse, device)
     precision = resolve_precision(cfg.trainer.precision, device)
-    model = DLRM(
-        embeddings,
-        dense_in=train_data.dense_width,
-        bottom_mlp=list(cfg.model.bottom_mlp),
-        top_mlp=list(cfg.model.top_mlp),
-        precision=precision,
-    )
+    towers = dict(bottom_mlp=list(cfg.model.bottom_mlp), top_mlp=list(cfg.model.top_mlp), precision=precision)
+    if cfg.model.name == "dcnv2":
+        towers.update(cross_layers=cfg.model.cross_layers, low_rank=cfg.model.low_rank)
+    model = MODELS[cfg.model.name](embeddings, dense_in=train_data.dense_width, **towers)
     tele = Telemetry(out_dir)
     tele.text("config", OmegaConf.to_yaml(cfg))
     tele.text("embeddings", embeddings.describe())
@@ -136,6 +135,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.memory(state.step, emb_bytes, device)  # a last probe after the final eval
     results = {
         "backend": cfg.emb.name,
+        "model": cfg.model.name,
         **metrics,
         "steps": state.step,
         "samples": state.samples,

@@ -80,9 +80,9 @@ class Trainer:
         self.dense_params = model.dense_parameters()
         self.optimizers = [dense_optimizer(self.dense_params, cfg.optim.dense)]
         self.optimizers += model.sparse_arch.optimizers()
-        self.compile_pending = compile_step.should_compile(self.cfg.get("compile", False), self.cfg.max_steps, device)
-        if self.compile_pending:
-            compile_step.enable(model)
+        self.compile_pending = compile_step.should_compile(
+            self.cfg.get("compile", False), self.cfg.max_steps, device
+        ) and compile_step.enable(model)
         self.state = TrainState()
         self.checkpoint_dir = checkpoint_dir if self.cfg.get("checkpoint_every", 0) else None
         if self.checkpoint_dir is not None:
