@@ -44,6 +44,7 @@ def test_failed_compile_falls_back_to_eager_with_one_warning(compose_cfg, tiny_d
             raise RuntimeError("inductor says no\nsecond line")
 
         model.compiled_dense_forward = fail
+        return True
 
     monkeypatch.setattr(compile_step, "enable", broken)
     eager = run(compose_cfg("trainer.max_steps=6", "trainer.compile=false"), tmp_path / "eager")
