@@ -19,6 +19,9 @@ backward, SGD step); loading and converting batches are outside it.
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -104,3 +107,35 @@ def reference_inputs(kjt: KeyedJaggedTensor, num_tables: int) -> list[tuple[torc
         lo, hi = int(offsets[t * b]), int(offsets[(t + 1) * b])
         out.append((values[lo:hi].contiguous(), (offsets[t * b : (t + 1) * b] - lo).contiguous()))
     return out
+
+
+def compare(ours_step, batches, lr: float, dim: int, bottom: list[int], top: list[int], cards: list[int],
+            warmup: int) -> dict:
+    """Time the reference step and `ours_step(Batch)` on the same batches, interleaved (each
+    batch: one step of each, alternating which goes first), so load on a shared machine hits
+    both alike. Returns medians (ms) after `warmup` pairs and `ratio` = median over batches of
+    reference / ours (> 1: ours is faster).
+
+    batches: `(dense [B, 13], kjt, labels [B])` tuples (dlrm.bench.steps.make_batches).
+    """
+    from dlrm.data.loader import Batch
+
+    torch.manual_seed(0)
+    ref = ReferenceStep(ReferenceDLRM(cards, dim, [13, *bottom], top), lr=lr)
+    ref_in = [reference_inputs(kjt, len(cards)) for _, kjt, _ in batches]  # the reference's loader
+    ref_ms, ours_ms = [], []
+    for i, (dense, kjt, labels) in enumerate(batches):
+        runs = [("ref", lambda: ref(dense, ref_in[i], labels)), ("ours", lambda: ours_step(Batch(dense, kjt, labels)))]
+        for name, fn in runs if i % 2 else runs[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            (ref_ms if name == "ref" else ours_ms).append((time.perf_counter() - t0) * 1e3)
+    ref_ms, ours_ms = ref_ms[warmup:], ours_ms[warmup:]
+    return {
+        "reference_ms": statistics.median(ref_ms),
+        "ours_ms": statistics.median(ours_ms),
+        "reference_min_ms": min(ref_ms),
+        "ours_min_ms": min(ours_ms),
+        "ratio": statistics.median(r / o for r, o in zip(ref_ms, ours_ms)),
+        "pairs": len(ref_ms),
+    }

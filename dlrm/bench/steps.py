@@ -9,6 +9,7 @@ so grows with table size, unlike fused tables.
     python scripts/bench.py                              # full at 1e4 rows vs Kaggle sizes, + baseline
     python scripts/bench.py --backends full tt --caps 0  # what you want, Kaggle sizes
     python scripts/bench.py --json
+    python scripts/bench.py --vs-reference [--end-to-end]  # vs the reference DLRM: bench/vs_reference.py
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from dlrm.bench import vs_reference
 from dlrm.data.schema import KAGGLE_CARDINALITIES, SPARSE
 from dlrm.data.synthetic import zipf_ids
 from dlrm.embeddings import TableSpec, build_embeddings
@@ -119,11 +121,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="fp32")
+    p.add_argument("--precision", default=None, help="fp32 | bf16 | auto (default fp32; auto with --vs-reference)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rank=16 optim.sparse.name=rowwise_adagrad")
+    vs_reference.add_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.vs_reference:
+        return [vs_reference.run(args, compose, build, make_batches)]
+    args.precision = args.precision or "fp32"
     rows = []
     for cap in args.caps:
         cards = [min(c, cap) if cap else c for c in KAGGLE_CARDINALITIES]
