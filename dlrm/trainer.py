@@ -80,8 +80,9 @@ class Trainer:
         self.dense_params = model.dense_parameters()
         self.optimizers = [dense_optimizer(self.dense_params, cfg.optim.dense)]
         self.optimizers += model.sparse_arch.optimizers()
+        self.graph = compile_step.graph_fingerprint(model, self.cfg.batch_size)
         self.compile_pending = compile_step.should_compile(
-            self.cfg.get("compile", False), self.cfg.max_steps, device
+            self.cfg.get("compile", False), self.cfg.max_steps, device, self.graph
         ) and compile_step.enable(model)
         self.state = TrainState()
         self.checkpoint_dir = checkpoint_dir if self.cfg.get("checkpoint_every", 0) else None
@@ -191,7 +192,9 @@ class Trainer:
         if self.compile_pending:  # the first compiled step: fall back to eager if compiling fails
             self.compile_pending = False
             try:
-                return self._step(batch)
+                loss = self._step(batch)
+                compile_step.mark_compiled(self.graph)
+                return loss
             except FloatingPointError:
                 raise
             except Exception as e:  # noqa: BLE001 - inductor/dynamo raise many kinds; all mean "no compile"

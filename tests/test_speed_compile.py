@@ -30,6 +30,16 @@ def test_auto_compiles_only_long_cpu_runs():
         compile_step.should_compile(1, 10, cpu)
 
 
+def test_auto_compiles_a_shorter_run_once_its_graph_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cpu, steps = torch.device("cpu"), compile_step.AUTO_MIN_STEPS_WARM
+    assert not compile_step.should_compile("auto", steps, cpu, "abc")
+    compile_step.mark_compiled("abc")
+    assert compile_step.should_compile("auto", steps, cpu, "abc")
+    assert not compile_step.should_compile("auto", steps - 1, cpu, "abc")
+    assert not compile_step.should_compile("auto", steps, cpu, "other")
+
+
 def test_cache_dir_under_the_users_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -64,3 +74,4 @@ def test_compiled_step_matches_eager(compose_cfg, tiny_dataset, tmp_path, monkey
     assert compiled["logloss"] == pytest.approx(eager["logloss"], rel=1e-3)
     assert not [r for r in caplog.records if "trainer.compile" in r.getMessage()]  # no fallback
     assert any((tmp_path / "inductor").iterdir())  # artifacts went to the cache dir
+    assert any((tmp_path / "inductor" / compile_step.MARKER_DIR).iterdir())  # and the marker
