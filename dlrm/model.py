@@ -75,7 +75,7 @@ class DotInteraction(nn.Module):
     The same output, in the same order, as torchrec's `InteractionArch` (the dense vector, then
     the upper triangle of the pairwise dot products of the F+1 vectors, row-major; Naumov et al.
     2019, "Deep Learning Recommendation Model"), computed in fp32 outside autocast: on 27 x 16
-    matrices fp32 beats bf16 (no casts; docs/benchmarks.md, "The interaction"), and the top
+    matrices bf16 is not faster (docs/benchmarks.md, "Where our step got faster"), and the top
     MLP casts its input anyway. The backward is `_PairwiseDots`' (2x faster than torchrec's).
     """
 

@@ -41,7 +41,7 @@ DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "s
 
 def dense_optimizer(params: list, cfg: DictConfig) -> torch.optim.Optimizer:
     """The MLPs' optimizer, fused (one kernel over all parameters instead of a dozen ops per
-    tensor: docs/benchmarks.md, "Precision and the dense optimizer"); same update as unfused."""
+    tensor: docs/benchmarks.md, "Where our step got faster"); same update as unfused."""
     if cfg.name not in DENSE_OPTIMIZERS:
         raise ValueError(f"optim.dense.name={cfg.name!r}: choose one of {sorted(DENSE_OPTIMIZERS)}")
     return DENSE_OPTIMIZERS[cfg.name](params, lr=cfg.lr, fused=True)
