@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from dlrm.data.schema import DENSE, LABEL, SPARSE
+from dlrm.io import atomic_path
 
 COLUMNS = [LABEL, *DENSE, *SPARSE]  # the 40 fields of a tsv line, in order
 CSV_HEADER = ["Id", "Label", *DENSE, *SPARSE]  # the Kaggle competition CSV header
@@ -66,7 +67,7 @@ _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 class CriteoTextWriter:
     """Appends blocks of rows to one Criteo text file (for inputs too big to hold as arrays).
-    The file appears under its name only on close(); until then it is `<name>.tmp`.
+    The file appears under its name only on close(); until then it is `.<name>.tmp` (dlrm.io).
 
         with CriteoTextWriter("day_0.gz") as w:
             for label, dense, sparse in blocks:
@@ -77,7 +78,8 @@ class CriteoTextWriter:
         if fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
         self.path, self.fmt, self.next_id = Path(path), fmt, first_id
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._atomic = atomic_path(self.path)  # entered here, left in close() / abort()
+        self.tmp = self._atomic.__enter__()
         self.raw = open(self.tmp, "wb")
         compress = self.path.name.endswith(".gz") if compress is None else compress
         # Level 1: benchmarks need GBs of gzip input quickly; the ratio hardly matters here.
@@ -113,12 +115,13 @@ class CriteoTextWriter:
         if self.out is not self.raw:
             self.out.close()
         self.raw.close()
-        self.tmp.replace(self.path)
+        self._atomic.__exit__(None, None, None)  # renames the temporary file into place
         return self.path
 
     def abort(self) -> None:
         self.raw.close()
-        self.tmp.unlink(missing_ok=True)
+        error = RuntimeError(f"{self.path}: writing aborted")
+        self._atomic.__exit__(RuntimeError, error, None)  # removes the temporary file
 
     def __enter__(self) -> "CriteoTextWriter":
         return self
