@@ -217,7 +217,7 @@ BAD_LINES = {"bad label": [4, 5, 12], "bad integer": [6, 11, 14], "too many fiel
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 300])  # one chunk; many chunks (global line numbers)
 def test_bad_rows_are_counted_reported_and_the_rest_kept(tmp_path, chunk_bytes):
-    s = run([FIXTURES / "bad_rows.txt"], tmp_path / "o", split="none", chunk_bytes=chunk_bytes)
+    s = run([FIXTURES / "bad_rows.txt"], tmp_path / "o", split="none", chunk_bytes=chunk_bytes, max_bad_fraction=1)
     assert s["rows_in"] == 15 and s["rows_written"] == {"train": 7} and s["rows_padded"] == 2
     assert s["rows_skipped"] == BAD_SKIPPED
     assert s["first_bad_lines"] == {k: [f"bad_rows.txt:{n}" for n in v] for k, v in BAD_LINES.items()}

@@ -54,19 +54,28 @@ def _process_chunk(job: Job, fi: int, k: int, data: bytes, line0: int, in_bytes:
     line0: lines of the file before this chunk, or -1 when unknown (parallel plain chunks)."""
     s = job.settings
     path, fmt = Path(s.inputs[fi]), s.formats[fi]
+    data = ct.to_lf(data, s.eols[fi])
     first_line = 1
-    if fmt == "csv" and k == 0:  # the header belongs to chunk 0 and is not a row
+    if s.headers[fi] and k == 0:  # the header belongs to chunk 0 and is not a row
         _, _, data = data.partition(b"\n")
         first_line = 2
-    parsed = ct.parse_chunk(data, fmt, job.names[fi], first_line=first_line)
+
+    def file_line(line: int) -> int:
+        nonlocal line0
+        if line0 < 0:  # lines starting before byte k*B: the first, plus one per line end before k*B-1
+            line0 = _newlines(path, k * s.chunk_bytes - 1, ct.EOLS[s.eols[fi]]) + 1 if k else 0
+        return line0 + line
+
+    try:
+        parsed = ct.parse_chunk(data, fmt, job.names[fi], first_line=first_line)
+    except pa.ArrowInvalid as e:  # not expected (parse_chunk screens what pyarrow rejects): still name the place
+        raise ct.InputError(f"{path}:{file_line(first_line)}: chunk {k} cannot be parsed ({e})") from e
     table = parsed.table
     if len(table) + sum(parsed.skipped.values()) != parsed.lines:
         raise RuntimeError(f"{path} chunk {k}: rows do not add up ({len(table)} kept, {parsed.skipped})")
     if job.strict and parsed.skipped:
         line, reason = min((n, r) for r, lines in parsed.bad_lines.items() for n in lines)  # the first
-        if line0 < 0:  # lines starting before byte k*B: the first, plus one per newline before k*B-1
-            line0 = _newlines(path, k * s.chunk_bytes - 1) + 1 if k else 0
-        raise ct.InputError(f"{path}:{line0 + line}: {reason} (--strict: no row may be skipped)")
+        raise ct.InputError(f"{path}:{file_line(line)}: {reason} (--strict: no row may be skipped)")
     record = {
         "lines": parsed.lines + first_line - 1,  # physical lines, the header included
         "rows_in": parsed.lines,
@@ -129,35 +138,38 @@ def _emit(job: Job, fi: int, k: int, table: pa.Table, record: dict) -> dict:
     return record
 
 
-def _newlines(path: Path, offset: int) -> int:
-    """Newlines in the first `offset` bytes (only for an error message: where is the bad line)."""
+def _newlines(path: Path, offset: int, eol: bytes) -> int:
+    """Line ends in the first `offset` bytes (only for an error message: where is the bad line)."""
     n = 0
     with open(path, "rb") as f:
         while offset > 0:
             block = f.read(min(offset, 16 << 20))
             if not block:
                 break
-            n += block.count(b"\n")
+            n += block.count(eol)
             offset -= len(block)
     return n
 
 
-def run_task(job: Job, task: tuple) -> list[dict]:
+def run_task(job: Job, task: tuple) -> tuple[list[dict], int]:
     """('plain', fi, k): one chunk of an uncompressed file. ('stream', fi): every chunk of a gzip
     file in order (it cannot seek), skipping the chunks already recorded. ('staged', fi, k): one
-    chunk of pass 2 from pass 1's staged rows (any input, gzip too, runs in parallel)."""
+    chunk of pass 2 from pass 1's staged rows (any input, gzip too, runs in parallel).
+    Returns (the chunks' records, rows read by this call: not those of chunks already recorded)."""
     s, out = job.settings, Path(job.out)
     fi = task[1]
     path = Path(s.inputs[fi])
     if task[0] == "staged":
-        return [_encode_staged(job, fi, task[2])]
+        rec = _encode_staged(job, fi, task[2])
+        return [rec], rec["rows_in"]
     if task[0] == "plain":
         k = task[2]
-        data = ct.read_plain_chunk(path, k, s.chunk_bytes)
-        return [_process_chunk(job, fi, k, data, -1, len(data))]
-    fid, records, line0 = job.fids[fi], [], 0
+        data = ct.read_plain_chunk(path, k, s.chunk_bytes, ct.EOLS[s.eols[fi]])
+        rec = _process_chunk(job, fi, k, data, -1, len(data))
+        return [rec], rec["rows_in"]
+    fid, records, line0, fresh = job.fids[fi], [], 0, 0
     with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as f:
-        chunks, pos = ct.iter_stream_chunks(f, s.chunk_bytes), 0
+        chunks, pos = ct.iter_stream_chunks(f, s.chunk_bytes, ct.EOLS[s.eols[fi]]), 0
         for k in itertools.count():
             try:
                 data = next(chunks)
@@ -173,8 +185,9 @@ def run_task(job: Job, task: tuple) -> list[dict]:
                     workers.PROGRESS.put((in_bytes, rec["rows_in"]))
             else:
                 rec = _process_chunk(job, fi, k, data, line0, in_bytes)
+                fresh += rec["rows_in"]
             line0 += rec["lines"]
             records.append(rec)
     write_json(stream_done_path(out, job.pass_name, fid), {"chunks": len(records)})
-    return records
+    return records, fresh
 

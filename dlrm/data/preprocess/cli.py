@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="vocab mode: parse the text again in pass 2 instead of keeping pass 1's rows "
                    "(zstd, about 30%% of the text size) on disk until they are encoded")  # fmt: skip
     p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="fail (after the first pass) when more than this fraction of the rows is skipped (default 0.01)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="discard an existing output or unfinished run in --out")
     p.add_argument("--keep-work", action="store_true", help="keep .work/ (manifest, per-chunk counts) after finishing")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
             a.inputs, a.out, fmt=a.format, mode=a.mode, min_count=a.min_count, max_rows=a.max_rows,
             chunk_bytes=int(a.chunk_mb * (1 << 20)), row_group_rows=a.row_group_rows, staging=not a.no_staging, split=a.split,
             train_days=a.train_days, val_days=a.val_days, test_days=a.test_days, workers=a.workers,
-            strict=a.strict, overwrite=a.overwrite, keep_work=a.keep_work, progress=not a.quiet,
+            strict=a.strict, max_bad_fraction=a.max_bad_fraction, overwrite=a.overwrite, keep_work=a.keep_work, progress=not a.quiet,
         )  # fmt: skip
     except (ct.InputError, PreprocessError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)

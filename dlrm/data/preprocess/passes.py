@@ -54,19 +54,21 @@ def run_pass(job: Job, workers: Workers, progress: bool, desc: str) -> tuple[int
                 tasks.append(("plain", fi, k))
     total = sum(Path(p).stat().st_size for p in s.inputs)
     bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress, dynamic_ncols=True)
-    rows, t0 = 0, time.perf_counter()
+    seen, t0 = 0, time.perf_counter()
 
     def advance(nbytes, nrows):
-        nonlocal rows
-        rows += nrows
+        nonlocal seen
+        seen += nrows
         bar.update(nbytes)
-        bar.set_postfix_str(f"{done_rows + rows:,} rows, {rows / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s", refresh=False)
+        bar.set_postfix_str(f"{done_rows + seen:,} rows, {seen / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s", refresh=False)
 
     try:
-        workers.map(run_task, [(job, t) for t in tasks], lambda msg: advance(*msg))
+        results = workers.map(run_task, [(job, t) for t in tasks], lambda msg: advance(*msg))
     finally:
         bar.close()
-    return reused, rows
+    # Rows from the tasks' results, not from the progress messages: a worker's last messages can
+    # still be in flight when its result arrives (that made the summary's rows/s read 0).
+    return reused, sum(fresh for _, fresh in results)
 
 
 def file_records(out: Path, pass_name: str, fid: str, n_chunks: int | None) -> list[dict]:

@@ -14,11 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dlrm.data import criteo_text as ct
+from dlrm.data.preprocess.checks import DENSE_COUNTS_MAX_ROWS, check_skips, hash_counts_plan, inspect_inputs
 from dlrm.data.preprocess.chunks import Job
 from dlrm.data.preprocess.files import write_json
 from dlrm.data.preprocess.passes import all_records, run_pass
 from dlrm.data.preprocess.settings import COUNTS, PARTS, VOCAB, WORK, PreprocessError, Settings
-from dlrm.data.preprocess.splits import assign_parts, day_of, plan_splits
+from dlrm.data.preprocess.splits import assign_parts, day_of, describe_plan, plan_splits
 from dlrm.data.preprocess.summary import format_summary, make_summary
 from dlrm.data.preprocess.vocab import hash_counts, merge_column
 from dlrm.data.preprocess.workers import Workers
@@ -32,13 +33,6 @@ def _fids(inputs: list[str]) -> list[str]:
     stems = [re.sub(r"\.(txt|csv|tsv)$", "", x) for x in stems]
     stems = [re.sub(r"[^A-Za-z0-9_.-]", "_", x) for x in stems]
     return stems if len(set(stems)) == len(stems) else [f"{i:03d}_{x}" for i, x in enumerate(stems)]
-
-
-def _names(path: Path, fmt: str) -> list[str]:
-    if fmt == "tsv":
-        return ct.COLUMNS
-    with ct.open_text(path) as f:
-        return ct.csv_header(path, f.readline(1 << 16))
 
 
 def _prepare_out(out: Path, settings: Settings, overwrite: bool) -> bool:
@@ -81,20 +75,25 @@ def preprocess(
     test_days: list[int] | None = None,
     workers: int = 1,
     strict: bool = False,
+    max_bad_fraction: float = 0.01,
     overwrite: bool = False,
     keep_work: bool = False,
     progress: bool = True,
 ) -> dict:
     """Preprocess Criteo text files into a parquet dataset directory; returns the summary that is
-    also stored in meta.json extra["preprocess"]."""
+    also stored in meta.json extra["preprocess"].
+
+    Raises InputError (a bad input file, naming it and the line where there is one) or
+    PreprocessError (bad options, an --out in the way, splits that leave train empty, hash counts
+    that cannot fit, or more than `max_bad_fraction` of the rows skipped, none written); the checks
+    on inputs, options and splits run before any work, the skip check right after the first pass.
+    """
     t_start = time.perf_counter()
     paths = [Path(p).resolve() for p in inputs]
     if not paths:
         raise PreprocessError("no input files given")
     if all(re.search(r"day_\d+", p.name) for p in paths):  # day_10 after day_2, whatever the shell did
         paths.sort(key=lambda p: day_of(p.name, 0))
-    for p in paths:
-        ct.check_input(p)
     if mode not in ("vocab", "hash"):
         raise PreprocessError(f"--mode must be vocab or hash, got {mode!r}")
     if mode == "hash" and max_rows < 2:
@@ -103,13 +102,17 @@ def preprocess(
         raise PreprocessError(f"--format must be one of {ct.FORMATS}, got {fmt!r}")
     if min_count < 1 or chunk_bytes < 1 or row_group_rows < 1:
         raise PreprocessError("--min-count, --chunk-mb and --row-group-rows must be positive")
-    formats = [fmt or ct.detect_format(p) for p in paths]
+    if not 0 <= max_bad_fraction <= 1:
+        raise PreprocessError(f"--max-bad-fraction must be within [0, 1], got {max_bad_fraction}")
+    formats, eols, headers, names = inspect_inputs(paths, fmt)
     settings = Settings(
-        inputs=[str(p) for p in paths], formats=formats, mode=mode, min_count=min_count, max_rows=max_rows,
+        inputs=[str(p) for p in paths], formats=formats, eols=eols, headers=headers, mode=mode, min_count=min_count, max_rows=max_rows,
         chunk_bytes=chunk_bytes, row_group_rows=row_group_rows, staging=staging and mode == "vocab", split=split,
         train_days=train_days, val_days=val_days, test_days=test_days,
     )  # fmt: skip
+    plan = describe_plan(settings)  # fails on a bad split (e.g. no train day) before any work
     out = Path(out).resolve()
+    merge_columns = hash_counts_plan(settings, out, workers) if mode == "hash" else workers
     out.mkdir(parents=True, exist_ok=True)
     if _prepare_out(out, settings, overwrite):
         meta = DatasetMeta.load(out)
@@ -125,11 +128,11 @@ def preprocess(
             print(f"{out}: already complete (same inputs and settings); nothing to do", file=sys.stderr)
         return summary
     fids = _fids(settings.inputs)
-    names = [_names(p, f) for p, f in zip(paths, formats)]
-    plan_splits(settings, [0] * len(paths))  # fail on a bad split before hours of work
+    if progress:
+        print(plan, file=sys.stderr)
     pool = Workers(workers)
     try:
-        summary = _run(out, settings, fids, names, pool, strict, progress, t_start)
+        summary = _run(out, settings, fids, names, pool, strict, max_bad_fraction, merge_columns, progress, t_start)
     finally:
         pool.close()
     if not keep_work:
@@ -139,7 +142,8 @@ def preprocess(
     return summary
 
 
-def _run(out: Path, settings: Settings, fids, names, workers: Workers, strict: bool, progress: bool, t_start: float) -> dict:
+def _run(out: Path, settings: Settings, fids, names, workers: Workers, strict: bool, max_bad_fraction: float,
+         merge_columns: int, progress: bool, t_start: float) -> dict:  # fmt: skip
     paths = [Path(p) for p in settings.inputs]
     mode, min_count, max_rows = settings.mode, settings.min_count, settings.max_rows
     seconds, reused, done = {}, {}, {}
@@ -150,6 +154,7 @@ def _run(out: Path, settings: Settings, fids, names, workers: Workers, strict: b
             reused["count"], done["count"] = run_pass(count, workers, progress, "pass 1/2 count")
         count_recs = all_records(count)
         _check_not_empty(paths, count_recs)
+        check_skips(settings, count_recs, max_bad_fraction)  # before the vocabulary and pass 2
         vocab_done = out / WORK / "vocab.json"
         with _phase(seconds, "vocab"):
             if not vocab_done.exists():
@@ -166,9 +171,13 @@ def _run(out: Path, settings: Settings, fids, names, workers: Workers, strict: b
     records = all_records(encode)
     _check_not_empty(paths, records)
     if mode == "hash":
+        check_skips(settings, records, max_bad_fraction)  # before the counts and meta.json
         with _phase(seconds, "counts"):
             files = [str(Path(WORK) / "encode" / fids[fi] / f"{k:06d}.arrow") for fi, recs in enumerate(records) for k in range(len(recs))]
-            sizes = workers.map(hash_counts, [(str(out), ci, files, max_rows) for ci in range(len(SPARSE))])
+            args = [(str(out), ci, files, max_rows, DENSE_COUNTS_MAX_ROWS) for ci in range(len(SPARSE))]
+            sizes = []
+            for i in range(0, len(args), merge_columns):  # as many columns at once as memory allows
+                sizes += workers.map(hash_counts, args[i : i + merge_columns])
         cardinalities = dict(zip(SPARSE, sizes))
 
     # Splits, summary, meta.json (written last: its presence means the dataset is complete).
@@ -181,14 +190,20 @@ def _run(out: Path, settings: Settings, fids, names, workers: Workers, strict: b
     seconds["total"] = time.perf_counter() - t_start
     summary = make_summary(settings, records, split_kind, split_rows, cardinalities, seconds, reused)
     # Rates of this run's work only (a resumed run reads fewer rows than the dataset has).
-    summary["rows_per_s"] = {k: round(n / max(seconds[k], 1e-9)) for k, n in done.items()}
+    summary["rows_per_s"] = {k: round(n / seconds[k]) for k, n in done.items() if n and seconds[k] > 0}
     summary["fingerprint"] = json.loads((out / WORK / "settings.json").read_text())
     meta = DatasetMeta(
         cardinalities=cardinalities,
         splits=splits,
         rows=split_rows,
         multi_hot={},
-        extra={"preprocess": summary, "counts_dir": COUNTS, "vocab_dir": VOCAB if mode == "vocab" else None},
+        extra={
+            "preprocess": summary,
+            "counts_dir": COUNTS,
+            # dense: counts/<C>.npy [rows]; sparse: counts/<C>.ids.npy + .counts.npy (vocab.load_counts)
+            "counts_format": "sparse" if mode == "hash" and max_rows > DENSE_COUNTS_MAX_ROWS else "dense",
+            "vocab_dir": VOCAB if mode == "vocab" else None,
+        },
     )
     meta.save(out)
     for part in sliced:

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from dlrm.data.schema import DENSE, LABEL, SPARSE
 
-VERSION = 1  # bump when the output of a chunk changes, so old work dirs are not reused
+VERSION = 2  # bump when the output of a chunk changes, so old work dirs are not reused
 WORK = ".work"
 PARTS = "parts"
 COUNTS = "counts"
@@ -27,7 +27,9 @@ class Settings:
     """Everything that determines the output. A work dir is only resumed with the same settings."""
 
     inputs: list[str]
-    formats: list[str]
+    formats: list[str]  # per input: tsv | csv
+    eols: list[str]  # per input: lf (LF or CRLF) | cr (CR only)
+    headers: list[bool]  # per input: its first line is a header, not a row
     mode: str = "vocab"  # vocab | hash
     min_count: int = 1  # vocab: values seen fewer times map to id 0
     max_rows: int = 0  # vocab: keep the max_rows-1 most frequent values; hash: table rows

@@ -46,9 +46,16 @@ def plan_splits(s: Settings, file_rows: list[int]) -> tuple[str, list[list[tuple
     val = set(s.val_days if s.val_days is not None else ([] if s.test_days else [max(days)]))
     test = set(s.test_days if s.test_days is not None else ([] if s.val_days else [max(days)]))
     train = set(s.train_days) if s.train_days is not None else set(days) - val - test
+    where = [[sp for sp, ds in (("train", train), ("test", test), ("val", val)) if d in ds] for d in days]
+    if not any("train" in parts for parts in where):
+        raise PreprocessError(
+            f"--split days: no day is left for train ({describe_days(s.inputs, days, where)}): the last day is held "
+            "out for test and val unless named otherwise; give more days (day_0 .. day_23), name them with "
+            "--train-days/--val-days/--test-days, or cut the rows by position like Kaggle with --split kaggle "
+            "(instead of --dataset terabyte)"
+        )
     plan = []
-    for p, d, n in zip(s.inputs, days, file_rows):
-        parts = [sp for sp, ds in (("train", train), ("test", test), ("val", val)) if d in ds]
+    for p, d, n, parts in zip(s.inputs, days, file_rows, where):
         if not parts:
             raise PreprocessError(f"{p} (day {d}) is in no split: name it in --train-days/--val-days/--test-days")
         if parts == ["test", "val"]:
@@ -89,3 +96,18 @@ def assign_parts(out: Path, records: list[list[dict]], plan, row_group_rows: int
             start += n
     return splits, dict(rows), sliced
 
+
+def describe_days(inputs: list[str], days: list[int], where: list[list[str]]) -> str:
+    """'day_0 (day 0) -> test+val' for every input, joined by '; ' (what went where)."""
+    return "; ".join(f"{Path(p).name} (day {d}) -> {'+'.join(parts) or 'none'}" for p, d, parts in zip(inputs, days, where))
+
+
+def describe_plan(s: Settings) -> str:
+    """One line saying which input went to which split, before any work (file_rows unknown)."""
+    kind, plan = plan_splits(s, [2] * len(s.inputs))  # 2 rows each: a halved day shows both halves
+    if kind == "days":
+        days = [day_of(p, i) for i, p in enumerate(s.inputs)]
+        return "splits by day: " + describe_days(s.inputs, days, [[sp for sp, _, _ in ranges] for ranges in plan])
+    if kind == "kaggle":
+        return "splits by row position (the reference Kaggle split): 6/7 train, then 1/14 test, 1/14 val"
+    return "split: none (every row in train)"

@@ -9,7 +9,9 @@ from dlrm.data import criteo_text as ct
 from dlrm.data.preprocess.settings import Settings
 
 
-def make_summary(s: Settings, records, split_kind, split_rows, cardinalities, seconds, reused) -> dict:
+def tally(s: Settings, records: list[list[dict]]) -> tuple[int, Counter, dict, int]:
+    """Over a pass's chunk records: (rows read, rows skipped per reason, the first few
+    `file:line` per reason (line numbers of the file, its header included), rows padded)."""
     skipped, bad, padded = Counter(), {}, 0
     for fi, recs in enumerate(records):
         line0 = 0
@@ -21,6 +23,11 @@ def make_summary(s: Settings, records, split_kind, split_rows, cardinalities, se
                 kept += [f"{Path(s.inputs[fi]).name}:{line0 + n}" for n in lines][: max(0, ct.MAX_BAD_LINES - len(kept))]
             line0 += rec["lines"]
     rows_in = sum(r["rows_in"] for recs in records for r in recs)
+    return rows_in, skipped, bad, padded
+
+
+def make_summary(s: Settings, records, split_kind, split_rows, cardinalities, seconds, reused) -> dict:
+    rows_in, skipped, bad, padded = tally(s, records)
     rows_written = sum(split_rows.values())
     if rows_written + sum(skipped.values()) != rows_in:  # nothing may vanish without a reason
         raise RuntimeError(f"rows do not add up: {rows_in} read, {rows_written} written, {dict(skipped)} skipped")
@@ -54,6 +61,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"rows padded (stripped trailing fields): {summary['rows_padded']:,}")
     lines.append("vocabulary: " + " ".join(f"{k}={v}" for k, v in summary["vocabulary"].items()))
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))
-    lines.append("rows/s: " + ", ".join(f"{k} {v:,}" for k, v in summary["rows_per_s"].items()))
+    if summary["rows_per_s"]:  # phases that read rows in this run (a resumed one may have reused all)
+        lines.append("rows/s: " + ", ".join(f"{k} {v:,}" for k, v in summary["rows_per_s"].items()))
     return "\n".join(lines)
 

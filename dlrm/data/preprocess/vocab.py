@@ -73,15 +73,43 @@ def merge_column(out: str, ci: int, count_files: list[str], rows: int, min_count
     return n_ids + 1
 
 
-def hash_counts(out: str, ci: int, count_files: list[str], max_rows: int) -> int:
-    """Hash mode: sum the per-chunk id counts of one column into counts/<C>.npy (length max_rows)."""
+def hash_counts(out: str, ci: int, count_files: list[str], max_rows: int, dense_max_rows: int) -> int:
+    """Hash mode: sum the per-chunk id counts of one column. Memory grows with the distinct ids
+    that occur, never with max_rows. Written as counts/<C>.npy (int64 [max_rows], index = id) when
+    max_rows <= dense_max_rows, else sparsely: counts/<C>.ids.npy (int64 [k], sorted ids that
+    occur) and counts/<C>.counts.npy (int64 [k]); read either with load_counts."""
     out, c = Path(out), SPARSE[ci]
-    cnt = np.zeros(max_rows, np.float64)  # bincount weights are float64: exact below 2**53 rows
+    ids, counts = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    pend_k, pend_c, pending = [], [], 0
     for f in count_files:
         with pa.OSFile(str(out / f)) as src:  # read into memory: safe to use after close
             b = pa.ipc.open_file(src).get_batch(ci)
-            cnt += np.bincount(b.column(0).to_numpy().astype(np.int64), weights=b.column(2).to_numpy(), minlength=max_rows)
-    (out / COUNTS).mkdir(exist_ok=True)
-    save_npy(out / COUNTS / f"{c}.npy", cnt.astype(np.int64))
+        pend_k.append(b.column(0).to_numpy())
+        pend_c.append(b.column(2).to_numpy())
+        pending += b.num_rows
+        if pending > max(2 * len(ids), 1 << 22):
+            ids, counts = merge_counts([ids, *pend_k], [counts, *pend_c])
+            pend_k, pend_c, pending = [], [], 0
+    ids, counts = merge_counts([ids, *pend_k], [counts, *pend_c])
+    ids = ids.astype(np.int64)
+    if max_rows <= dense_max_rows:
+        dense = np.zeros(max_rows, np.int64)
+        dense[ids] = counts
+        save_npy(out / COUNTS / f"{c}.npy", dense)
+    else:
+        save_npy(out / COUNTS / f"{c}.ids.npy", ids)
+        save_npy(out / COUNTS / f"{c}.counts.npy", counts)
     return max_rows
 
+
+def load_counts(counts_dir: str | Path, feature: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows per id of one feature, in either layout preprocessing writes: (ids int64 [k] sorted,
+    counts int64 [k]) of the ids that occur. Raises FileNotFoundError naming the files looked for."""
+    d = Path(counts_dir)
+    if (d / f"{feature}.npy").is_file():
+        dense = np.load(d / f"{feature}.npy")
+        ids = np.flatnonzero(dense)
+        return ids.astype(np.int64), dense[ids].astype(np.int64)
+    if (d / f"{feature}.ids.npy").is_file():
+        return np.load(d / f"{feature}.ids.npy"), np.load(d / f"{feature}.counts.npy")
+    raise FileNotFoundError(f"{d}: neither {feature}.npy nor {feature}.ids.npy + {feature}.counts.npy")
