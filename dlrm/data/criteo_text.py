@@ -113,10 +113,11 @@ _SWAP_CR_LF = bytes.maketrans(b"\r\n", b"\n\r")
 
 
 def detect_eol(path: Path) -> str:
-    """'cr' when the first 64 KiB of text hold a CR and no LF (CR-only line endings), else 'lf'."""
+    """'cr' when the first 64 KiB of text hold more lone CRs (not part of a CRLF) than LFs: CR-only
+    line endings (old Mac); else 'lf' (LF or CRLF)."""
     with open_text(path) as f:
         first = f.read(1 << 16)
-    return "cr" if b"\r" in first and b"\n" not in first else "lf"
+    return "cr" if first.count(b"\r") - first.count(b"\r\n") > first.count(b"\n") else "lf"
 
 
 def to_lf(data: bytes, eol: str) -> bytes:
