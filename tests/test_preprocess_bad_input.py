@@ -303,3 +303,34 @@ def test_rows_per_second_counts_the_rows_of_this_run(tmp_path):
     s = run([src], tmp_path / "o", chunk_bytes=20_000, workers=2)  # worker processes: results via the pool
     assert set(s["rows_per_s"]) == {"count", "encode"} and min(s["rows_per_s"].values()) > 0
     assert DatasetMeta.load(tmp_path / "o").extra["preprocess"]["rows_per_s"] == s["rows_per_s"]
+
+
+def test_rows_per_second_of_a_resumed_run_has_no_rate_for_a_pass_it_reused(tmp_path, monkeypatch):
+    from dlrm.data.preprocess import chunks
+
+    src = tmp_path / "t.txt"
+    src.write_bytes(DAY0.read_bytes() * 5)
+    real = chunks._emit
+
+    def crash_in_encode(job, *a):
+        if job.pass_name == "encode":
+            raise KeyboardInterrupt("simulated crash")
+        return real(job, *a)
+
+    monkeypatch.setattr(chunks, "_emit", crash_in_encode)
+    with pytest.raises(KeyboardInterrupt):
+        run([src], tmp_path / "o", chunk_bytes=5000)
+    monkeypatch.setattr(chunks, "_emit", real)
+    s = run([src], tmp_path / "o", chunk_bytes=5000)
+    assert s["chunks_reused"]["count"] > 0 and s["rows_in"] == 200
+    assert set(s["rows_per_s"]) == {"encode"} and s["rows_per_s"]["encode"] > 0  # count read no rows this run
+    assert "rows/s: encode" in pp.format_summary(s)
+
+
+def test_a_file_whose_lines_all_lost_c26_is_padded_not_refused(tmp_path):
+    lines = [b"\t".join(line.split(b"\t")[:38] + [line.split(b"\t")[38] or b"deadbeef"]) for line in LINES]
+    # ^ C26 empty and stripped everywhere (C25 never empty, so nothing else is stripped)
+    assert all(line.count(b"\t") == 38 and not line.endswith(b"\t") for line in lines)
+    s = run([write(tmp_path / "t.txt", lines)], tmp_path / "o")
+    assert s["rows_padded"] == 40 and s["rows_skipped"] == {} and s["rows_written"] == {"train": 40}
+    assert {r["C26"] for r in rows_of(tmp_path / "o")} == {0}

@@ -152,13 +152,16 @@ def read_header(path: Path, fmt: str, eol: str) -> list[str] | None:
 def check_labeled(path: Path, fmt: str, eol: str, header: bool) -> None:
     """Refuse a file whose lines all have 39 fields (Kaggle's test.txt: no label column). Padding
     is for stripped trailing empty fields; a whole file one field short is another file."""
-    lines = first_lines(path, eol)[1 if header else 0 :]
     sep = b"\t" if fmt == "tsv" else b","
-    widths = [line.count(sep) + 1 for line in lines if line.strip(sep + b" ")]
-    if widths and all(w == len(COLUMNS) - 1 for w in widths):
+    lines = [line for line in first_lines(path, eol)[1 if header else 0 :] if line.strip(sep + b" ")]
+    short = all(line.count(sep) == len(COLUMNS) - 2 for line in lines)
+    # Yet a file whose lines all lost exactly one trailing empty field (C26) is a training file:
+    # its lines never end in a separator and start with a 0/1 label.
+    stripped = not any(line.endswith(sep) or line.split(sep, 1)[0] not in (b"0", b"1") for line in lines)
+    if lines and short and not stripped:
         raise InputError(
             f"{path}: every line has 39 fields: an unlabeled test file? "
-            f"(first {len(widths)} lines; training data has 40, the label first)"
+            f"(first {len(lines)} lines; training data has 40, the label first)"
         )
 
 
