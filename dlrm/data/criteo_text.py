@@ -362,8 +362,7 @@ def _screen(data: bytes) -> dict[str, list[int]]:
         except UnicodeDecodeError:
             text = data.decode("utf-8", "surrogateescape")
             mark(NOT_UTF8, (m.start() for m in _HIGH_SURROGATE.finditer(text)), text)
-    cr = data.count(b"\r")
-    if cr and cr != data.count(b"\r\n"):
+    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):  # `in` first: count is 4x slower
         mark(STRAY_EOL, (m.start() for m in _STRAY_CR.finditer(data)), data)
     bad: dict[str, list[int]] = {}
     for line in sorted(found):

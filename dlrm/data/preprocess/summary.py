@@ -34,6 +34,8 @@ def make_summary(s: Settings, records, split_kind, split_rows, cardinalities, se
     return {
         "inputs": s.inputs,
         "formats": s.formats,
+        "line_endings": s.eols,
+        "headers": s.headers,
         "mode": s.mode,
         "min_count": s.min_count,
         "max_rows": s.max_rows,
