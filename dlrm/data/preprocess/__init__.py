@@ -22,9 +22,10 @@ Categorical values that are exactly 8 bytes long (all of Criteo's 8-hex-digit va
 those 8 bytes packed into a uint64 (exact, no hashing); any other string is kept as a string.
 
 Modules, in the order a run uses them: settings (what determines the output, work layout), cli,
-run (the whole run), passes (a pass over all inputs), workers (processes), chunks (one chunk),
-keys (value -> uint64), count (per-chunk counts), vocab (merged vocabulary and counts), encode
-(value -> id), splits (train/val/test), summary, files (atomic writers).
+checks (refusals before work and after the first pass), run (the whole run), passes (a pass over
+all inputs), workers (processes), chunks (one chunk), keys (value -> uint64), count (per-chunk
+counts), vocab (merged vocabulary and counts), encode (value -> id), splits (train/val/test),
+summary, files (atomic writers).
 """
 
 from dlrm.data.preprocess.cli import main, parse_args
@@ -34,8 +35,9 @@ from dlrm.data.preprocess.run import preprocess
 from dlrm.data.preprocess.settings import PreprocessError, Settings
 from dlrm.data.preprocess.splits import plan_splits
 from dlrm.data.preprocess.summary import format_summary
+from dlrm.data.preprocess.vocab import load_counts
 
 __all__ = [
-    "HashEncoder", "PreprocessError", "Settings", "VocabEncoder", "column_keys", "format_summary", "main",
-    "mix64", "parse_args", "plan_splits", "preprocess", "string_hash64",
+    "HashEncoder", "PreprocessError", "Settings", "VocabEncoder", "column_keys", "format_summary", "load_counts",
+    "main", "mix64", "parse_args", "plan_splits", "preprocess", "string_hash64",
 ]  # fmt: skip
