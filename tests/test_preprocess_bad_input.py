@@ -151,10 +151,13 @@ def test_padding_is_only_for_stripped_trailing_empty_fields(tmp_path):
 # 3. Integers written as floats, headers
 
 
-def test_integral_floats_with_a_header_parse_as_integers(tmp_path, ref):
+def test_integral_floats_with_a_header_parse_as_integers(tmp_path, ref, capsys):
     s = run([CASES / "integral_floats.csv"], tmp_path / "o", chunk_bytes=2000)
     assert "24.0" in (CASES / "integral_floats.csv").read_text()
     assert s["rows_in"] == 40 and s["rows_skipped"] == {} and same_dataset(tmp_path / "o", ref)
+    for case in ("integral_floats.csv", "cr_only_endings.txt"):  # the command line: exit 0, nothing said
+        rc, err = cli(capsys, CASES / case, "--out", tmp_path / f"cli_{case}", "--split", "none")
+        assert rc == 0 and err == [] and same_dataset(tmp_path / f"cli_{case}", ref)
 
 
 def test_non_integral_floats_are_bad_values_counted(tmp_path):
@@ -291,6 +294,13 @@ def test_hash_counts_that_cannot_fit_are_refused_before_work(tmp_path, monkeypat
     assert not (tmp_path / "o").exists()
     with pytest.raises(pp.PreprocessError, match="beyond"):
         run([DAY0], tmp_path / "o", mode="hash", max_rows=2**63)
+
+
+def test_hash_counts_refusal_on_the_command_line_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pp_checks, "available_memory", lambda: 1000)
+    rc, err = cli(capsys, DAY0, "--out", tmp_path / "o", "--mode", "hash", "--max-rows", str(2**32))
+    assert rc == 2 and len(err) == 1 and err[0].startswith("preprocess: error: hash counts need ~")
+    assert "distinct ids per column" in err[0] and not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------------
