@@ -69,8 +69,11 @@ class Telemetry:
         self.scalars(0, finite)
 
     def write_results(self, results: dict) -> Path:
-        """results.json, written to a temporary name and renamed: never half-written."""
-        return atomic_write_text(self.out_dir / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n")
+        """results.json, written to a temporary name and renamed: never half-written. A non-finite
+        number (an undefined AUC) is written as null: NaN is not JSON, strict readers reject it."""
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}
+        text = json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        return atomic_write_text(self.out_dir / RESULTS_FILE, text)
 
     def close(self) -> None:
         self.writer.close()

@@ -155,6 +155,7 @@ class Trainer:
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "rng": checkpoint.rng_state(),
             "config": self.run_config,
+            "dataset": checkpoint.dataset_identity(self.train_data.meta),
         }
         path = checkpoint.save(self.checkpoint_dir, s.step, payload)
         backend.flush(step=s.step)
@@ -168,6 +169,9 @@ class Trainer:
         path = checkpoint.find(source, backend.committed_step())
         ckpt = checkpoint.load(path)
         checkpoint.check_config(ckpt["config"], self.run_config, path)
+        checkpoint.check_dataset(
+            ckpt.get("dataset"), checkpoint.dataset_identity(self.train_data.meta), path, self.train_data.path
+        )
         missing, unexpected = self.model.load_state_dict(ckpt["dense"], strict=False)
         missing = [k for k in missing if not k.startswith("sparse_arch.")]
         if missing or unexpected:
