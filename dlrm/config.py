@@ -33,6 +33,7 @@ TRAINER = {
     "precision": Opt(str, choices=("auto", "fp32", "bf16", "fp16")),
     "eval_every": Opt(int, min=0),
     "eval_batches": Opt(int, min=0),
+    "periodic_eval_batches": Opt(int, min=0),
     "log_every": Opt(int, min=1),
     "warmup_steps": Opt(int, min=0),
     "grad_clip": Opt(float, min=0),
