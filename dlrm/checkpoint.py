@@ -116,7 +116,7 @@ try:  # numpy >= 2 pickles arrays through numpy._core, older numpy through numpy
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import _reconstruct
 _NUMPY_GLOBALS.append(_reconstruct)
-_UNSAFE = re.compile(r"Unsupported global: GLOBAL (\S+)|Unsupported operand (\S+)")
+_UNSAFE = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 def load(path: Path) -> dict:
@@ -130,7 +130,9 @@ def load(path: Path) -> dict:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = _UNSAFE.search(str(e))
-        what = (m.group(1) or m.group(2)) if m else str(e).strip().splitlines()[-1][:200]
+        if m is None:  # garbage, not a pickle of ours
+            raise ValueError(f"{path}: not a readable checkpoint ({' '.join(str(e).split())[-200:]})") from None
+        what = m.group(1)
         raise ValueError(
             f"{path}: refused: it holds {what}, not tensors or plain data; loading it could run "
             "code (checkpoints are read with torch.load(weights_only=True))"

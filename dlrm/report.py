@@ -128,6 +128,8 @@ def load_run(path: Path) -> Run:
     except (OSError, ValueError) as e:
         run.reason = f"results.json unreadable: {_one_line(e)}"
         return run
+    if results.get("auc", 0) is None:  # written as null: undefined (an eval split with one class)
+        results["auc"] = math.nan
     if not isinstance(results.get("auc"), (int, float)):
         run.reason = "results.json has no numeric 'auc'"
         return run
@@ -188,7 +190,7 @@ def group_runs(runs: list[Run]) -> pd.DataFrame:
         seeds = [str(m.config.get("seed", "?")) for m in members]
         row["seeds"] = " ".join(seeds)
         row["_repeated_seeds"] = len(set(seeds)) < len(seeds)  # e.g. one seed in two DIRs
-        row["auc_mean"] = res["auc"].mean()
+        row["auc_mean"] = res["auc"].mean(skipna=False)  # one undefined AUC: the mean is too
         row["auc_std"] = res["auc"].std(ddof=1) if len(members) > 1 else math.nan
         for col in numeric.columns:
             if col == "peak_rss_bytes":
@@ -351,10 +353,15 @@ def markdown(groups: pd.DataFrame, failed: list[Run], optuna: list[dict], n_runs
                 verdict = "baseline"
             std = _num(g["auc_std"], ".4f") or "n/a"
             n = f"{g['n_seeds']}, seeds repeat" if g["_repeated_seeds"] else g["n_seeds"]
+            auc = f"{_num(g['auc_mean'], '.4f')} ± {std} ({n})" if g["auc_mean"] == g["auc_mean"] else (
+                f"undefined: one-class eval split ({n})")
+            backend = g["backend"]
+            if backend != BASELINE and g.get("compressed_tables") == 0:
+                backend += " (no table compressed: emb.min_rows)"
             rows.append([
-                g["backend"], g["knobs"], _num(g.get("embedding_bytes", math.nan) / 2**20, ",.2f"),
+                backend, g["knobs"], _num(g.get("embedding_bytes", math.nan) / 2**20, ",.2f"),
                 _num(g.get("compression_ratio"), ",.1f"),
-                f"{_num(g['auc_mean'], '.4f')} ± {std} ({n})",
+                auc,
                 _num(g.get("logloss"), ".4f"),
                 _num(g.get("auc_diff_vs_full"), "+.4f"), verdict, _num(g.get("step_time_ms"), ".2f"),
                 _num(g.get("samples_per_s"), ",.0f"), _num(g.get("peak_rss_bytes", math.nan) / 2**20, ",.0f"),

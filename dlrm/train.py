@@ -25,11 +25,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlrm import checkpoint
 from dlrm.config import ConfigError, flatten, validate
+from dlrm.data.checks import check_id_ranges
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
 from dlrm.embeddings import TableSpec, build_embeddings
 from dlrm.dcn import DLRMDCN
+from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.model import DLRM, resolve_precision
 from dlrm.telemetry import Telemetry, route_library_logs
 from dlrm.trainer import Interrupted, Trainer
@@ -78,6 +80,25 @@ def dataset_path(data: DictConfig) -> Path:
     return path
 
 
+def compressed_tables(embeddings: torch.nn.Module, emb: DictConfig) -> int:
+    """How many tables the chosen backend (`emb.name`) really took; the rest stayed `full`.
+
+    A compressing backend that takes none (no table reaches `emb.min_rows`, e.g. with a small
+    `data.max_cardinality`) trains plain full tables under its own name: warn, naming the key.
+    Counted from the backend contract (`EmbeddingBackend.name` / `.tables` of each leaf)."""
+    leaves = [m for m in embeddings.modules() if isinstance(m, EmbeddingBackend)
+              and not any(isinstance(c, EmbeddingBackend) for c in list(m.modules())[1:])]
+    ours = sum(len(m.tables) for m in leaves if m.name == emb.name)
+    if emb.name != "full" and ours == 0:
+        largest = max(t.rows for m in leaves for t in m.tables)
+        log.warning(
+            "emb=%s compresses no table: none has emb.min_rows=%s rows or more (the largest has %d), "
+            "so every table stays full; lower emb.min_rows or name tables in emb.tables",
+            emb.name, emb.get("min_rows"), largest,
+        )
+    return ours if emb.name != "full" else 0
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Everything `main` does, minus Hydra: usable from tests and notebooks."""
     t_start = time.time()
@@ -107,10 +128,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         path, cfg.data.train_split, seed=cfg.seed, shuffle=cfg.data.shuffle, **loader_args
     )
     eval_data = ParquetLoader(path, cfg.data.eval_split, shuffle=False, **loader_args)
+    # An id outside its table would surface only at the final eval, after the whole run.
+    unfolded = {f: n for f, n in eval_data.meta.cardinalities.items() if f not in eval_data.max_rows}
+    check_id_ranges(eval_data.files, unfolded, cfg.data.eval_split)
     tables = [
         TableSpec(f"t_{f}", train_data.cardinalities[f], cfg.emb.dim, (f,)) for f in SPARSE
     ]
     embeddings = build_embeddings(tables, cfg.emb, cfg.optim.sparse, device)
+    n_compressed = compressed_tables(embeddings, cfg.emb)
     precision = resolve_precision(cfg.trainer.precision, device)
     towers = dict(bottom_mlp=list(cfg.model.bottom_mlp), top_mlp=list(cfg.model.top_mlp), precision=precision)
     if cfg.model.name == "dcnv2":
@@ -145,6 +170,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "full_embedding_bytes": full_bytes,
         "compression_ratio": full_bytes / emb_bytes,
         "peak_rss_bytes": tele.peak_rss_bytes,
+        "compressed_tables": n_compressed,
         "wall_s": time.time() - t_start,
         **embeddings.stats(),
     }

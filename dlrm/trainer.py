@@ -184,6 +184,7 @@ class Trainer:
         # holds NaN step times (not valid JSON for strict readers).
         warmup = min(cfg.warmup_steps, (cfg.max_steps - first_step) // 2)
         every = cfg.get("checkpoint_every", 0)
+        log.info("training steps %d..%d", state.step + 1, cfg.max_steps)
         while state.step < cfg.max_steps:
             # A resumed run skips the batches its checkpoint already trained on.
             for batch in itertools.islice(self.train_data.epoch(state.epoch), state.epoch_batches, None):
