@@ -333,3 +333,38 @@ def test_periodic_evals_are_capped_and_leave_training_and_final_eval_alone(compo
     assert "step 12 eval:" in caplog.text  # uncapped
     points = EventAccumulator(str(tmp_path / "curve")).Reload().Scalars("eval/auc")
     assert [p.step for p in points] == [4, 8, 12]
+
+
+@pytest.mark.slow  # a Hydra multirun through submitit's local executor: two job starts, ~30 s
+def test_preempted_submitit_job_checkpoints_requeues_and_resumes(compose_cfg, data_root, tiny_dataset, tmp_path):
+    """`hydra/launcher=submitit_local` runs jobs as SLURM would (submitit's job process, its
+    preemption signal USR2, requeue by exit code): the job checkpoints, is requeued in the same
+    output dir (a `${now:}` sweep dir included) and resumes there to the uninterrupted result."""
+    import psutil
+
+    steps = ["trainer.max_steps=400", "trainer.eval_every=0"]
+    sweeper = subprocess.Popen(
+        [sys.executable, "-m", "dlrm.train", "-m", *tiny_overrides(data_root), *steps,
+         "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}/sweep_${{now:%H-%M-%S-%f}}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline and sweeper.poll() is None:
+        logs = list(tmp_path.glob("sweep_*/0/train.log"))
+        if logs and "training steps 1..400" in logs[0].read_text():
+            break
+        time.sleep(0.2)
+    jobs = [p for p in psutil.Process(sweeper.pid).children(recursive=True)
+            if "submitit.core._submit" in " ".join(p.cmdline())]  # fmt: skip
+    assert len(jobs) == 1, sweeper.stdout.read() if sweeper.poll() is not None else "no job process"
+    jobs[0].send_signal(signal.SIGUSR2)
+    out = sweeper.communicate(timeout=240)[0]
+    assert sweeper.returncode == 0, out[-3000:]
+    (job_dir,) = [p.parent for p in tmp_path.glob("sweep_*/0/train.log")]  # one dir: the requeue reused it
+    log_text = (job_dir / "train.log").read_text()
+    assert "stopped by SIGUSR2 after step" in log_text and "this job is preempted" in log_text
+    assert "requeued job: resuming from the checkpoints in" in log_text
+    resumed = json.loads((job_dir / "results.json").read_text())
+    straight = run(compose_cfg(*steps), tmp_path / "straight")
+    assert resumed["steps"] == 400
+    assert _metrics(resumed) == pytest.approx(_metrics(straight), abs=1e-6)
