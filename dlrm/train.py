@@ -251,6 +251,9 @@ def _hydra_main(cfg: DictConfig) -> float:
     except Interrupted as e:  # (the trainer logged it; the console gets how to continue)
         print(f"{e}\nresume with: {_resume_command(out_dir)}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints instead)
+        print("interrupted (SIGINT) before or after training: nothing to checkpoint", file=sys.stderr)
+        sys.exit(130)
     except UndefinedMetric as e:
         print(summary(results, out_dir))
         if multirun:

@@ -340,6 +340,7 @@ class Trainer:
     def evaluate(self, periodic: bool = False) -> dict[str, float]:
         """AUC, logloss and NE on the eval split (capped: `eval_cap`); AUC is NaN, with one
         warning naming the split, when the labels read hold one class."""
+        t0 = time.perf_counter()
         self.model.eval()
         metrics = EvalMetrics()
         cap = self.eval_cap(periodic)
@@ -359,7 +360,10 @@ class Trainer:
             )
         finite = {f"eval/{k}": v for k, v in result.items() if v == v}  # an undefined AUC is no point
         self.tele.scalars(self.state.step, finite)
-        log.info("step %d eval%s: %s", self.state.step, f" ({cap} batches)" if cap else "", result)
+        log.info(
+            "step %d eval (%s, %.1f s): %s",
+            self.state.step, f"{cap} batches" if cap else "whole split", time.perf_counter() - t0, result,
+        )
         return result
 
     def timing(self) -> dict[str, float]:

@@ -329,8 +329,8 @@ def test_periodic_evals_are_capped_and_leave_training_and_final_eval_alone(compo
         curve = run(compose_cfg("trainer.max_steps=12", "trainer.eval_every=4", "trainer.periodic_eval_batches=2"),
                     tmp_path / "curve")  # fmt: skip
     assert _metrics(curve) == _metrics(once)  # same training; the final eval reads the whole split
-    assert "step 4 eval (2 batches)" in caplog.text and "step 8 eval (2 batches)" in caplog.text
-    assert "step 12 eval:" in caplog.text  # uncapped
+    assert "step 4 eval (2 batches, " in caplog.text and "step 8 eval (2 batches, " in caplog.text
+    assert "step 12 eval (whole split, " in caplog.text
     points = EventAccumulator(str(tmp_path / "curve")).Reload().Scalars("eval/auc")
     assert [p.step for p in points] == [4, 8, 12]
 
