@@ -368,3 +368,16 @@ def test_preempted_submitit_job_checkpoints_requeues_and_resumes(compose_cfg, da
     straight = run(compose_cfg(*steps), tmp_path / "straight")
     assert resumed["steps"] == 400
     assert _metrics(resumed) == pytest.approx(_metrics(straight), abs=1e-6)
+
+
+def test_sweep_job_with_undefined_auc_fails_and_keeps_its_results(tiny_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    rewrite_split(data, "eval", lambda t: t.set_column(0, "label", pa.array(np.ones(len(t), np.int8))))
+    proc = cli("-m", "data=parquet", f"data.path={data}", "data.eval_split=eval", *MODEL_ONLY,
+               "trainer.max_steps=3", f"hydra.sweep.dir={tmp_path}/sweep")  # fmt: skip
+    assert proc.returncode != 0  # the sweeper saw a failed job (Optuna: a FAIL trial, not a NaN score)
+    assert "trainer.metric ['auc'] undefined" in proc.stderr
+    results = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())  # nothing lost
+    assert results["auc"] is None and results["steps"] == 3
+    assert "holds only label 1" in (tmp_path / "sweep" / "0" / "train.log").read_text()
