@@ -192,6 +192,15 @@ def test_eval_ids_out_of_range_fail_before_training(statistics, tiny_dataset, tm
     with pytest.raises(ValueError, match=rf"eval split: feature C5 has ids in \[0, {rows}\] in {f} \(row group {last}\), but its table has {rows} rows"):
         run(parquet_cfg(data, "trainer.max_steps=5"), tmp_path / "run")
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())  # before any work
+    if statistics:  # the command line: exit 2, that one line, before training starts
+        proc = cli("data=parquet", f"data.path={data}", "data.eval_split=eval", *MODEL_ONLY,
+                   f"hydra.run.dir={tmp_path}/cli")  # fmt: skip
+        assert proc.returncode == 2
+        _no_traceback(proc)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "eval split: feature C5 has ids in" in errors[0]
+        assert "training steps" not in proc.stdout + proc.stderr
+        assert not (tmp_path / "cli" / "results.json").exists()
 
 
 # ----------------------------------------------------------------------------- 12: nothing compressed
