@@ -57,18 +57,9 @@ import numpy as np
 import torch
 
 from dlrm.embeddings.base import FP32_BYTES, TableSpec
+from dlrm.embeddings.tables import init_uniform_
 
 log = logging.getLogger(__name__)
-
-INIT_CHUNK_ROWS = 1 << 20  # rows initialized per chunk: bounds the init's resident memory
-
-
-def init_uniform_(t: torch.Tensor, rows: int) -> None:
-    """U(-1/sqrt(rows), 1/sqrt(rows)) in place, chunk by chunk: full.py's init for a table."""
-    bound = 1.0 / math.sqrt(rows)
-    for start in range(0, t.shape[0], INIT_CHUNK_ROWS):
-        t[start : start + INIT_CHUNK_ROWS].uniform_(-bound, bound)
-
 
 def hash_init(table_index: int, ids: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
     """Deterministic U(-1/sqrt(rows), 1/sqrt(rows)) rows for `ids`: splitmix64 of the element index."""

@@ -64,8 +64,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.embeddings.base import FP32_BYTES, EmbeddingBackend, TableSpec, check_ids_in_range
 from dlrm.embeddings.cache_store import DiskStore, HostStore
-from dlrm.embeddings.full import fused_tables, tbe_bytes
-from dlrm.embeddings.registry import register
+from dlrm.embeddings.tables import fused_tables, tbe_bytes
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ class CachedEmbeddings(EmbeddingBackend):
     name = "cached"
 
     def __init__(
-        self, tables: list[TableSpec], cfg: DictConfig, optim: DictConfig, device: torch.device
+        self, tables: list[TableSpec], cfg: DictConfig, optim: DictConfig, device: torch.device, runtime=None
     ) -> None:
         super().__init__(tables)
         self.device = device
@@ -608,5 +607,3 @@ class CachedEmbeddings(EmbeddingBackend):
             for t in self.tables
         )
 
-
-register("cached", CachedEmbeddings)
