@@ -20,15 +20,16 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from dlrm import checkpoint
+from dlrm.build import build_model
 from dlrm.config import ConfigError, flatten, validate
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
-from dlrm.embeddings import TableSpec, build_embeddings
-from dlrm.model import DLRM, resolve_precision
+from dlrm.embeddings import Runtime
+from dlrm.model import resolve_precision
 from dlrm.telemetry import Telemetry
 from dlrm.trainer import Trainer
 
@@ -88,11 +89,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     resume = cfg.trainer.get("resume")
     # A disk store lives in its run's dir unless emb.path says otherwise; a resumed run reopens
     # the store of the run it continues (run_dir_of fails fast if there is nothing to resume).
-    store_dir = checkpoint.run_dir_of(resume) if resume else out_dir
-    with open_dict(cfg):
-        cfg.emb.resume = bool(resume)
-        if cfg.emb.get("store") == "disk" and not cfg.emb.get("path"):
-            cfg.emb.path = str(Path(store_dir).resolve() / "emb_store")
+    store_dir = Path(checkpoint.run_dir_of(resume) if resume else out_dir).resolve()
+    runtime = Runtime(seed=cfg.seed, store_dir=store_dir, resuming=bool(resume))
     path = dataset_path(cfg.data)
     loader_args = dict(
         batch_size=cfg.trainer.batch_size,
@@ -104,18 +102,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         path, cfg.data.train_split, seed=cfg.seed, shuffle=cfg.data.shuffle, **loader_args
     )
     eval_data = ParquetLoader(path, cfg.data.eval_split, shuffle=False, **loader_args)
-    tables = [
-        TableSpec(f"t_{f}", train_data.cardinalities[f], cfg.emb.dim, (f,)) for f in SPARSE
-    ]
-    embeddings = build_embeddings(tables, cfg.emb, cfg.optim.sparse, device)
-    precision = resolve_precision(cfg.trainer.precision, device)
-    model = DLRM(
-        embeddings,
-        dense_in=train_data.dense_width,
-        bottom_mlp=list(cfg.model.bottom_mlp),
-        top_mlp=list(cfg.model.top_mlp),
-        precision=precision,
-    )
+    cardinalities = {f: train_data.cardinalities[f] for f in SPARSE}
+    model = build_model(cfg, cardinalities, device, train_data.dense_width, runtime)
+    embeddings, precision = model.sparse_arch, resolve_precision(cfg.trainer.precision, device)
     tele = Telemetry(out_dir)
     tele.text("config", OmegaConf.to_yaml(cfg))
     tele.text("embeddings", embeddings.describe())

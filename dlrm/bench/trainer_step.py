@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from dlrm.build import build_model
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
-from dlrm.embeddings import TableSpec, build_embeddings
-from dlrm.model import DLRM, resolve_precision
 from dlrm.telemetry import Telemetry
 from dlrm.train import dataset_path, resolve_device, set_threads
 from dlrm.trainer import Trainer
@@ -51,10 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(cfg.trainer.device)
     threads = set_threads(cfg.trainer.threads)
     train = ParquetLoader(dataset_path(cfg.data), cfg.data.train_split, cfg.trainer.batch_size, seed=cfg.seed)
-    tables = [TableSpec(f"t_{f}", train.cardinalities[f], cfg.emb.dim, (f,)) for f in SPARSE]
-    emb = build_embeddings(tables, cfg.emb, cfg.optim.sparse, device)
-    model = DLRM(emb, train.dense_width, list(cfg.model.bottom_mlp), list(cfg.model.top_mlp),
-                 resolve_precision(cfg.trainer.precision, device))
+    model = build_model(cfg, {f: train.cardinalities[f] for f in SPARSE}, device, train.dense_width)
     with tempfile.TemporaryDirectory() as tb:
         trainer = Trainer(cfg, model, train, train, Telemetry(Path(tb)), device)
         batches = train.epoch(0)
