@@ -37,7 +37,7 @@ import zlib
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.embeddings.base import Runtime, TableSpec, per_table
 from dlrm.embeddings.remap import REMAP_OPTIONS, RemappedTables, collision_stats, rates, table_overrides
