@@ -24,20 +24,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlrm import checkpoint
+from dlrm.build import build_model
 from dlrm.config import ConfigError, flatten, validate
 from dlrm.data.checks import check_id_ranges
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
-from dlrm.embeddings import TableSpec, build_embeddings
-from dlrm.dcn import DLRMDCN
+from dlrm.embeddings import Runtime
 from dlrm.embeddings.base import EmbeddingBackend
-from dlrm.model import DLRM, resolve_precision
+from dlrm.model import resolve_precision
 from dlrm.telemetry import Telemetry, route_library_logs
 from dlrm.trainer import Interrupted, Trainer
 
 log = logging.getLogger("dlrm")
-MODELS = {"dlrm": DLRM, "dcnv2": DLRMDCN}  # model.name -> the model class (conf/model/)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,11 +111,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     resume = cfg.trainer.get("resume")
     # A disk store lives in its run's dir unless emb.path says otherwise; a resumed run reopens
     # the store of the run it continues (run_dir_of fails fast if there is nothing to resume).
-    store_dir = checkpoint.run_dir_of(resume) if resume else out_dir
-    with open_dict(cfg):
-        cfg.emb.resume = bool(resume)
-        if cfg.emb.get("store") == "disk" and not cfg.emb.get("path"):
-            cfg.emb.path = str(Path(store_dir).resolve() / "emb_store")
+    store_dir = Path(checkpoint.run_dir_of(resume) if resume else out_dir).resolve()
+    runtime = Runtime(seed=cfg.seed, store_dir=store_dir, resuming=bool(resume))
     path = dataset_path(cfg.data)
     loader_args = dict(
         batch_size=cfg.trainer.batch_size,
@@ -131,16 +127,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     # An id outside its table would surface only at the final eval, after the whole run.
     unfolded = {f: n for f, n in eval_data.meta.cardinalities.items() if f not in eval_data.max_rows}
     check_id_ranges(eval_data.files, unfolded, cfg.data.eval_split)
-    tables = [
-        TableSpec(f"t_{f}", train_data.cardinalities[f], cfg.emb.dim, (f,)) for f in SPARSE
-    ]
-    embeddings = build_embeddings(tables, cfg.emb, cfg.optim.sparse, device)
+    cardinalities = {f: train_data.cardinalities[f] for f in SPARSE}
+    model = build_model(cfg, cardinalities, device, train_data.dense_width, runtime)
+    embeddings, precision = model.sparse_arch, resolve_precision(cfg.trainer.precision, device)
     n_compressed = compressed_tables(embeddings, cfg.emb)
-    precision = resolve_precision(cfg.trainer.precision, device)
-    towers = dict(bottom_mlp=list(cfg.model.bottom_mlp), top_mlp=list(cfg.model.top_mlp), precision=precision)
-    if cfg.model.name == "dcnv2":
-        towers.update(cross_layers=cfg.model.cross_layers, low_rank=cfg.model.low_rank)
-    model = MODELS[cfg.model.name](embeddings, dense_in=train_data.dense_width, **towers)
     tele = Telemetry(out_dir)
     tele.text("config", OmegaConf.to_yaml(cfg))
     tele.text("embeddings", embeddings.describe())
