@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dlrm.report.grid import grid_cells, grid_markdown
 from dlrm.report.groups import group_runs
 from dlrm.report.optuna import read_optuna
 from dlrm.report.render import markdown, pareto_front, plot_pareto, runs_table
@@ -29,8 +30,10 @@ __all__ = ["report", "main", "group_runs", "find_run_dirs", "load_run", "pareto_
 # ----------------------------------------------------------------------------- entry point
 
 
-def report(dirs: list[Path], out: Path) -> str:
-    """Read runs under dirs, write report.md/.csv, runs.csv and pareto.png into out; the markdown."""
+def report(dirs: list[Path], out: Path, grid: bool = False) -> str:
+    """Read runs under dirs, write report.md/.csv, runs.csv and pareto.png into out; the markdown.
+
+    With `grid`, also grid.md / grid.csv (methods x budgets, see grid.py), printed first."""
     runs, optuna = [], []
     for d in dirs:
         if not d.is_dir():
@@ -40,7 +43,7 @@ def report(dirs: list[Path], out: Path) -> str:
     if not runs and not optuna:
         raise ReportError(f"no runs under {' '.join(map(str, dirs))} (a run dir holds .hydra/ or results.json)")
     groups = group_runs(runs)
-    failed = [r for r in runs if r.results is None]
+    failed = [r for r in runs if r.results is None and r.unreachable is None]
     text = markdown(groups, failed, optuna, len(runs))
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
@@ -52,6 +55,12 @@ def report(dirs: list[Path], out: Path) -> str:
     png = out / "pareto.png"
     if not plot_pareto(groups, png) and png.exists():
         png.unlink()  # a stale plot from an earlier report would mislead
+    if grid:
+        cells = grid_cells(groups, [r for r in runs if r.unreachable is not None])
+        grid_text = grid_markdown(cells)
+        (out / "grid.md").write_text(grid_text)
+        cells.to_csv(out / "grid.csv", index=False)
+        text = grid_text + "\n" + text
     return text
 
 
@@ -59,15 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dlrm.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep or run directories")
     parser.add_argument("--out", type=Path, help="where report.md/.csv and pareto.png go (default: first DIR)")
+    parser.add_argument("--grid", action="store_true",
+                        help="also the equal-memory grid: methods x emb.budget (grid.md, grid.csv)")
     args = parser.parse_args(argv)
     out = args.out or args.dirs[0]
     try:
-        text = report(args.dirs, out)
+        text = report(args.dirs, out, grid=args.grid)
     except ReportError as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 2
     print(text, end="")
     written = ["report.md", "report.csv", "runs.csv"] + (["pareto.png"] if (out / "pareto.png").exists() else [])
+    written += ["grid.md", "grid.csv"] if args.grid else []
     print(f"report: wrote {', '.join(str(out / f) for f in written)}", file=sys.stderr)
     return 0
 

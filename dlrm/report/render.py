@@ -128,7 +128,7 @@ def pareto_front(pts: pd.DataFrame) -> pd.DataFrame:
 def runs_table(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        row = {"path": str(r.path), "status": "ok" if r.results else "failed", "reason": r.reason or "",
+        row = {"path": str(r.path), "status": "ok" if r.results else "unreachable" if r.unreachable else "failed", "reason": r.reason or "",
                "backend": r.backend, "seed": r.config.get("seed"), "overrides": " ".join(r.overrides)}
         rows.append({**row, **(r.results or {})})
     return pd.DataFrame(rows)

@@ -25,6 +25,7 @@ class Run:
     overrides: list = field(default_factory=list)
     results: dict | None = None
     reason: str | None = None  # why there are no results
+    unreachable: dict | None = None  # results.json of a budget the method cannot reach
 
     @property
     def backend(self) -> str:
@@ -96,6 +97,10 @@ def load_run(path: Path) -> Run:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         run.reason = f"results.json unreadable: {_one_line(e)}"
+        return run
+    if results.get("unreachable"):  # emb.budget_unreachable=record: a grid cell, not a failure
+        run.unreachable = results
+        run.reason = f"unreachable budget: {results.get('reason', '')}"
         return run
     if results.get("auc", 0) is None:  # written as null: undefined (an eval split with one class)
         results["auc"] = math.nan
