@@ -13,10 +13,20 @@ whose step the store committed.
 
     python -m dlrm.train trainer.checkpoint_every=200                   # writes checkpoints
     python -m dlrm.train trainer.resume=outputs/2026-11-24/10-00-00     # continues that run
+
+Safety: checkpoints are read with `torch.load(weights_only=True)`: tensors and plain Python data
+only (numpy RNG state is stored as a tensor), so a file from someone else cannot run code when
+unpickled; one holding anything else is refused with one line naming what it holds.
+Identity: each checkpoint records its dataset's identity (`dataset_identity`: table sizes, split
+files and row counts from meta.json, never absolute paths), so a moved copy of the dataset
+resumes and another dataset is refused naming what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 import random
 import re
 from pathlib import Path
@@ -98,9 +108,74 @@ def find(source: str | Path, committed_step: int | None) -> Path:
     return files[committed_step]
 
 
+# Checkpoints written before the RNG state was stored as a tensor hold one numpy uint32 array:
+# numpy's array reconstruction is allow-listed for that (it builds arrays, it runs no code).
+_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+try:  # numpy >= 2 pickles arrays through numpy._core, older numpy through numpy.core
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+_NUMPY_GLOBALS.append(_reconstruct)
+_UNSAFE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
 def load(path: Path) -> dict:
-    # Our own files, holding numpy RNG state and plain dicts: not weights-only loadable.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint as saved, read weights-only: tensors and plain data, no code.
+
+    Raises ValueError (one line naming the file and what it holds) for a checkpoint holding any
+    other object, and for a file that is not a checkpoint at all.
+    """
+    try:
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = _UNSAFE.search(str(e))
+        if m is None:  # garbage, not a pickle of ours
+            raise ValueError(f"{path}: not a readable checkpoint ({' '.join(str(e).split())[-200:]})") from None
+        what = m.group(1)
+        raise ValueError(
+            f"{path}: refused: it holds {what}, not tensors or plain data; loading it could run "
+            "code (checkpoints are read with torch.load(weights_only=True))"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated, or not a torch file
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a readable checkpoint ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        raise ValueError(f"{path}: not a dlrm checkpoint (no training state in it)")
+    return ckpt
+
+
+def dataset_identity(meta) -> dict:
+    """What makes a dataset itself, from its meta.json (`DatasetMeta`): table sizes, split files
+    (relative names) and row counts, plus a short sha256 fingerprint of them. Absolute paths and
+    `extra` (statistics such as preprocessing speed) are left out, so a moved copy matches."""
+    ident = {
+        "cardinalities": dict(meta.cardinalities),
+        "splits": {k: list(v) for k, v in meta.splits.items()},
+        "rows": dict(meta.rows),
+        "multi_hot": dict(meta.multi_hot),
+    }
+    text = json.dumps(ident, sort_keys=True)
+    return {**ident, "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def check_dataset(saved: dict | None, current: dict, path: Path, data_path: Path) -> None:
+    """One clear error naming what differs between the checkpoint's dataset and this run's."""
+    if saved is None or saved.get("fingerprint") == current["fingerprint"]:
+        return  # (None: a checkpoint from before identities were recorded: nothing to compare)
+    differ = []
+    for key, what in (("cardinalities", "table sizes"), ("rows", "row counts"), ("splits", "split files"),
+                      ("multi_hot", "multi-hot features")):
+        a, b = saved.get(key, {}), current[key]
+        names = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if names:
+            shown = ", ".join(f"{k} {a.get(k, '-')} vs {b.get(k, '-')}" if key != "splits" else k for k in names[:3])
+            differ.append(f"{what} ({shown}{', ...' if len(names) > 3 else ''})")
+    raise ValueError(
+        f"{path}: checkpoint was trained on another dataset than {data_path}: "
+        f"{'; '.join(differ) or 'fingerprint differs'} (checkpoint vs this run); resume on the same data"
+    )
 
 
 def check_config(saved: dict, current: dict, path: Path) -> None:
@@ -115,6 +190,8 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
         if key == "data" and isinstance(node, dict):
             return {k: v for k, v in node.items() if k not in ("root", "path", "workers")}
         if key == "emb" and isinstance(node, dict):
+            # emb.path: where a disk store lives may move too. emb.resume: written into the
+            # config by runs before the Runtime argument existed; ignored in their checkpoints.
             return {k: v for k, v in node.items() if k not in ("path", "resume")}
         return node
 
@@ -127,10 +204,15 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """torch, numpy and Python RNG states as tensors and plain data (weights-only loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    keys = keys.numpy().astype(np.uint32) if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((kind, keys, *rest))
     random.setstate(state["python"])

@@ -3,6 +3,10 @@
 Logloss is the natural-log binary cross-entropy Criteo results are quoted in; NE divides it by
 the entropy of the mean label (torchrec's definition; base-independent).
 
+AUC is undefined when the labels hold one class (no pair of a click and a non-click to rank):
+`compute` then returns NaN for it (torchmetrics would say 0.0, which looks like a real score), and
+`single_class` tells the caller; results.json writes it as null.
+
 Example::
 
     m = EvalMetrics()
@@ -42,13 +46,21 @@ class EvalMetrics:
         self.pos += labels.sum().double()
         self.n += len(labels)
 
+    @property
+    def single_class(self) -> bool:
+        """True when every label seen so far is the same (AUC undefined)."""
+        return self.n > 0 and float(self.pos) in (0.0, float(self.n))
+
     def compute(self) -> dict[str, float]:
+        """{"auc", "logloss", "ne"} over every update; auc is NaN when `single_class`.
+
+        Raises ValueError when no sample was seen (an empty eval split)."""
         if self.n == 0:
             raise ValueError("no eval samples: the eval split is empty")
         n = torch.tensor(float(self.n), dtype=torch.float64)
         ne = compute_ne(self.ce_sum, n, self.pos, n - self.pos, ETA)
         return {
-            "auc": float(self.auroc.compute()),
+            "auc": float("nan") if self.single_class else float(self.auroc.compute()),
             "logloss": float(self.bce_sum / n),
             "ne": float(ne),
         }

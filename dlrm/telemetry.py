@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -24,6 +25,29 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from dlrm.io import atomic_write_text
 
 RESULTS_FILE = "results.json"
+OUR_LOGGERS = ("dlrm", "__main__")
+
+
+def route_library_logs() -> None:
+    """Console: our log lines, and other libraries' only at ERROR and above; the run's log file
+    (Hydra's `<run dir>/<job>.log`) keeps everything. fbgemm logs its TBE arguments and feature
+    gates at INFO through the root logger, and torch prints an fx tracing warning before the
+    first step through its own "torch" handler: chatter a user cannot act on.
+    Call after Hydra configured logging (inside the task function)."""
+
+    def ours(record: logging.LogRecord) -> bool:
+        return record.name.startswith(OUR_LOGGERS) or record.levelno >= logging.ERROR
+
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            if not any(getattr(f, "__name__", "") == ours.__name__ for f in handler.filters):
+                handler.addFilter(ours)
+    torch_log = logging.getLogger("torch")  # torch prints through its own handler, not root's
+    for handler in list(torch_log.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            torch_log.removeHandler(handler)
+    torch_log.propagate = True
 
 
 def rss_bytes() -> int:
@@ -69,8 +93,11 @@ class Telemetry:
         self.scalars(0, finite)
 
     def write_results(self, results: dict) -> Path:
-        """results.json, written to a temporary name and renamed: never half-written."""
-        return atomic_write_text(self.out_dir / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n")
+        """results.json, written to a temporary name and renamed: never half-written. A non-finite
+        number (an undefined AUC) is written as null: NaN is not JSON, strict readers reject it."""
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}
+        text = json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        return atomic_write_text(self.out_dir / RESULTS_FILE, text)
 
     def close(self) -> None:
         self.writer.close()

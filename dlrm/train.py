@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,18 +24,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlrm import checkpoint
+from dlrm.build import build_model
 from dlrm.config import ConfigError, flatten, validate
+from dlrm.data.checks import check_id_ranges
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
-from dlrm.embeddings import TableSpec, build_embeddings
-from dlrm.dcn import DLRMDCN
-from dlrm.model import DLRM, resolve_precision
-from dlrm.telemetry import Telemetry
-from dlrm.trainer import Trainer
+from dlrm.embeddings import Runtime
+from dlrm.embeddings.base import EmbeddingBackend
+from dlrm.model import resolve_precision
+from dlrm.telemetry import Telemetry, route_library_logs
+from dlrm.trainer import Interrupted, Trainer
 
 log = logging.getLogger("dlrm")
-MODELS = {"dlrm": DLRM, "dcnv2": DLRMDCN}  # model.name -> the model class (conf/model/)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,6 +79,25 @@ def dataset_path(data: DictConfig) -> Path:
     return path
 
 
+def compressed_tables(embeddings: torch.nn.Module, emb: DictConfig) -> int:
+    """How many tables the chosen backend (`emb.name`) really took; the rest stayed `full`.
+
+    A compressing backend that takes none (no table reaches `emb.min_rows`, e.g. with a small
+    `data.max_cardinality`) trains plain full tables under its own name: warn, naming the key.
+    Counted from the backend contract (`EmbeddingBackend.name` / `.tables` of each leaf)."""
+    leaves = [m for m in embeddings.modules() if isinstance(m, EmbeddingBackend)
+              and not any(isinstance(c, EmbeddingBackend) for c in list(m.modules())[1:])]
+    ours = sum(len(m.tables) for m in leaves if m.name == emb.name)
+    if emb.name != "full" and ours == 0:
+        largest = max(t.rows for m in leaves for t in m.tables)
+        log.warning(
+            "emb=%s compresses no table: none has emb.min_rows=%s rows or more (the largest has %d), "
+            "so every table stays full; lower emb.min_rows or name tables in emb.tables",
+            emb.name, emb.get("min_rows"), largest,
+        )
+    return ours if emb.name != "full" else 0
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Everything `main` does, minus Hydra: usable from tests and notebooks."""
     t_start = time.time()
@@ -90,11 +111,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     resume = cfg.trainer.get("resume")
     # A disk store lives in its run's dir unless emb.path says otherwise; a resumed run reopens
     # the store of the run it continues (run_dir_of fails fast if there is nothing to resume).
-    store_dir = checkpoint.run_dir_of(resume) if resume else out_dir
-    with open_dict(cfg):
-        cfg.emb.resume = bool(resume)
-        if cfg.emb.get("store") == "disk" and not cfg.emb.get("path"):
-            cfg.emb.path = str(Path(store_dir).resolve() / "emb_store")
+    store_dir = Path(checkpoint.run_dir_of(resume) if resume else out_dir).resolve()
+    runtime = Runtime(seed=cfg.seed, store_dir=store_dir, resuming=bool(resume))
     path = dataset_path(cfg.data)
     loader_args = dict(
         batch_size=cfg.trainer.batch_size,
@@ -106,15 +124,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         path, cfg.data.train_split, seed=cfg.seed, shuffle=cfg.data.shuffle, **loader_args
     )
     eval_data = ParquetLoader(path, cfg.data.eval_split, shuffle=False, **loader_args)
-    tables = [
-        TableSpec(f"t_{f}", train_data.cardinalities[f], cfg.emb.dim, (f,)) for f in SPARSE
-    ]
-    embeddings = build_embeddings(tables, cfg.emb, cfg.optim.sparse, device)
-    precision = resolve_precision(cfg.trainer.precision, device)
-    towers = dict(bottom_mlp=list(cfg.model.bottom_mlp), top_mlp=list(cfg.model.top_mlp), precision=precision)
-    if cfg.model.name == "dcnv2":
-        towers.update(cross_layers=cfg.model.cross_layers, low_rank=cfg.model.low_rank)
-    model = MODELS[cfg.model.name](embeddings, dense_in=train_data.dense_width, **towers)
+    # An id outside its table would surface only at the final eval, after the whole run.
+    unfolded = {f: n for f, n in eval_data.meta.cardinalities.items() if f not in eval_data.max_rows}
+    check_id_ranges(eval_data.files, unfolded, cfg.data.eval_split)
+    cardinalities = {f: train_data.cardinalities[f] for f in SPARSE}
+    model = build_model(cfg, cardinalities, device, train_data.dense_width, runtime)
+    embeddings, precision = model.sparse_arch, resolve_precision(cfg.trainer.precision, device)
+    n_compressed = compressed_tables(embeddings, cfg.emb)
     tele = Telemetry(out_dir)
     tele.text("config", OmegaConf.to_yaml(cfg))
     tele.text("embeddings", embeddings.describe())
@@ -144,6 +160,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "full_embedding_bytes": full_bytes,
         "compression_ratio": full_bytes / emb_bytes,
         "peak_rss_bytes": tele.peak_rss_bytes,
+        "compressed_tables": n_compressed,
         "wall_s": time.time() - t_start,
         **embeddings.stats(),
     }
@@ -168,8 +185,10 @@ def _hparams(cfg: DictConfig) -> dict:
 
 def summary(results: dict, out_dir: Path) -> str:
     mb = results["embedding_bytes"] / 2**20
+    auc = results["auc"]
+    auc_text = f"{auc:.4f}" if auc == auc else "undefined (one class in the eval split)"
     lines = [
-        f"eval AUC {results['auc']:.4f}  logloss {results['logloss']:.4f}  NE {results['ne']:.4f}",
+        f"eval AUC {auc_text}  logloss {results['logloss']:.4f}  NE {results['ne']:.4f}",
     ]
     if "teacher_auc" in results:
         lines[0] += f"   (teacher ceiling: AUC {results['teacher_auc']:.4f}, logloss {results['teacher_logloss']:.4f})"
@@ -184,13 +203,56 @@ def summary(results: dict, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+class UndefinedMetric(ValueError):
+    """The sweep metric is NaN (an AUC over one class): the sweeper must see a failed trial.
+    (Optuna's sweeper cannot record a NaN objective: its tell() fails on it and aborts the sweep;
+    an exception makes the trial FAIL and the search go on.)"""
+
+
+def _resume_command(out_dir: Path) -> str:
+    """The command line that continues this run: the user's overrides + trainer.resume."""
     try:
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
+    except ValueError:  # not under Hydra
+        overrides = []
+    return shlex.join(["python", "-m", "dlrm.train", *overrides, f"trainer.resume={out_dir}"])
+
+
+def _requeued_resume(cfg: DictConfig, out_dir: Path) -> None:
+    """A submitit job requeued after preemption runs again in its own output dir: continue from
+    the checkpoint its first attempt wrote there (docs/sweeps.md, "Preemption")."""
+    if cfg.trainer.get("resume") or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    if checkpoint.checkpoint_files(out_dir / checkpoint.CHECKPOINT_DIR):
+        log.warning("requeued job: resuming from the checkpoints in %s", out_dir)
+        with open_dict(cfg):
+            cfg.trainer.resume = str(out_dir)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float:
+    route_library_logs()
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    try:
+        _requeued_resume(cfg, out_dir)
         results = run(cfg, out_dir)
+        value = sweep_metric(results, cfg.trainer.metric)
+    except Interrupted as e:  # (the trainer logged it; the console gets how to continue)
+        print(f"{e}\nresume with: {_resume_command(out_dir)}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints instead)
+        print("interrupted (SIGINT) before or after training: nothing to checkpoint", file=sys.stderr)
+        sys.exit(130)
+    except UndefinedMetric as e:
+        print(summary(results, out_dir))
+        if multirun:
+            log.error("%s", e)
+            raise  # the sweeper records a failed trial; results.json (auc: null) stays
+        log.warning("%s", e)
+        return float("nan")
     except Exception as e:
-        if HydraConfig.get().mode.name == "MULTIRUN":
+        if multirun:
             # Into the job's log, where `dlrm.report` finds why the run failed; then let the
             # sweeper see the failure.
             log.exception("run failed: %s", e)
@@ -202,14 +264,53 @@ def main(cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)  # one clear line for bad input
         sys.exit(2)
     print(summary(results, out_dir))
-    return sweep_metric(results, cfg.trainer.metric)
+    return value
 
 
 def sweep_metric(results: dict, metric) -> float | tuple[float, ...]:
-    """What the sweeper optimizes: one value, or a tuple for multi-objective search."""
-    if isinstance(metric, str):
-        return float(results[metric])
-    return tuple(float(results[m]) for m in metric)
+    """What the sweeper optimizes: one value, or a tuple for multi-objective search.
+
+    Raises UndefinedMetric when a value is NaN (an AUC over an eval split with one class)."""
+    names = [metric] if isinstance(metric, str) else list(metric)
+    values = tuple(float(results[m]) if results[m] is not None else float("nan") for m in names)
+    undefined = [m for m, v in zip(names, values) if v != v]
+    if undefined:
+        raise UndefinedMetric(
+            f"trainer.metric {undefined} undefined (null in results.json): the eval split has one class"
+        )
+    return values[0] if isinstance(metric, str) else values
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """The one-line error for the first command-line override Hydra's lexer cannot read (its own
+    message names no key), with the same override quoted; None when all parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue  # flags (-m, --cfg job) and their values
+        try:
+            parser.parse_override(arg)
+        except HydraException as e:  # (the lexer raises it, not OverrideParseException)
+            key, _, value = arg.partition("=")
+            inner = f'"{value}"' if '"' not in value else "'" + value.replace("'", "\\'") + "'"
+            reason = " ".join(str(e).split("See https")[0].split())
+            return (
+                f"error: cannot read the override {arg!r} ({reason}): a value with "
+                f"= # ' [ ] {{ }} , or spaces must be quoted for Hydra, e.g. {shlex.quote(f'{key}={inner}')}"
+            )
+    return None
+
+
+def main() -> None:
+    """`python -m dlrm.train`: the overrides are checked first, then Hydra runs `_hydra_main`."""
+    error = check_overrides(sys.argv[1:])
+    if error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,14 @@ Three kinds of optimizer step each batch:
 With `trainer.checkpoint_every`, the trainer saves its whole state every that many steps and at
 the end (dlrm/checkpoint.py); `resume()` loads one and `fit()` continues from its batch.
 
+Signals (cluster preemption, Ctrl-C): the first SIGTERM or SIGINT during `fit()` lets the current
+step finish, writes a checkpoint (also with checkpoint_every=0) and raises `Interrupted`; a second
+one exits at once. Under submitit (`hydra/launcher=slurm`) its preemption signal (SIGUSR2) does
+the same and then hands over to submitit, which requeues the job (docs/sweeps.md).
+
+Evaluation: every `eval_every` steps on the first `periodic_eval_batches` eval batches (a cheap
+point for TensorBoard's eval/ curves), and at the end on the whole split (or `eval_batches`).
+
 Step time is measured from "batch in hand" to "optimizers stepped" (the loader runs ahead in its
 own thread); samples/s is end to end over the timed steps, data loading included.
 """
@@ -16,7 +24,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +56,70 @@ def dense_optimizer(params: list, cfg: DictConfig) -> torch.optim.Optimizer:
     if cfg.name not in DENSE_OPTIMIZERS:
         raise ValueError(f"optim.dense.name={cfg.name!r}: choose one of {sorted(DENSE_OPTIMIZERS)}")
     return DENSE_OPTIMIZERS[cfg.name](params, lr=cfg.lr, fused=True)
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after a whole step, with a checkpoint of that step.
+
+    `exit_code` is the shell's convention for death by that signal (128 + signal number: 143 for
+    SIGTERM, 130 for SIGINT), so schedulers and scripts see an interrupted run as one."""
+
+    def __init__(self, signum: int, step: int, max_steps: int, path: Path) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.step, self.path, self.exit_code = step, path, 128 + signum
+        super().__init__(f"interrupted by {self.signal_name} after step {step} of {max_steps}; checkpoint {path}")
+
+
+def preemption_signals() -> list[int]:
+    """SIGTERM and SIGINT, plus submitit's preemption signal when running as a submitit job
+    (SUBMITIT_PREEMPT_SIGNAL, USR2 by default: what submitit asks SLURM to send before a kill)."""
+    sigs = [signal.SIGTERM, signal.SIGINT]
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+        if sig is not None and sig not in sigs:
+            sigs.append(sig)
+    return sigs
+
+
+class StopOnSignal:
+    """Context manager: the first signal sets `signum` (the loop stops after its step); a second
+    one restores the default action and re-raises the signal: the process exits at once.
+
+    Only in the main thread (Python delivers signals there; elsewhere this does nothing)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in preemption_signals():
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:  # the second signal: no more waiting
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        log.warning(
+            "%s: finishing the current step, then writing a checkpoint (send it again to exit at once)",
+            signal.Signals(signum).name,
+        )
+
+    def hand_over(self) -> None:
+        """Call the handler that was installed before ours for the signal received (submitit's
+        checkpoint-and-requeue for its preemption signal; it may exit the process)."""
+        prev = self.previous.get(self.signum)
+        if callable(prev) and prev is not signal.default_int_handler:
+            self.__exit__()
+            prev(self.signum, None)
 
 
 @dataclass
@@ -85,6 +160,10 @@ class Trainer:
             self.cfg.get("compile", False), self.cfg.max_steps, device, self.graph
         ) and compile_step.enable(model)
         self.state = TrainState()
+        self.eval_split = str(cfg.data.get("eval_split", "eval"))
+        self._warned_single_class = False
+        self._saved_step = -1  # step of the last checkpoint written by this process
+        self.stop_dir = checkpoint_dir  # where a signalled run writes its checkpoint
         self.checkpoint_dir = checkpoint_dir if self.cfg.get("checkpoint_every", 0) else None
         if self.checkpoint_dir is not None:
             # The last checkpoint, not an exit flush, is where a crashed run resumes from.
@@ -93,7 +172,14 @@ class Trainer:
                     m.flush_at_exit = False
 
     def fit(self) -> dict[str, float]:
-        """Train for `trainer.max_steps` steps, evaluating every `eval_every`; final eval metrics."""
+        """Train for `trainer.max_steps` steps, evaluating every `eval_every`; final eval metrics.
+
+        Raises `Interrupted` after a checkpoint when SIGTERM/SIGINT arrives (module docstring)."""
+        with StopOnSignal() as stop:
+            self._stop = stop
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         cfg, state = self.cfg, self.state
         bar = tqdm(
             total=cfg.max_steps, initial=state.step, disable=not cfg.progress, unit="step", dynamic_ncols=True
@@ -105,6 +191,7 @@ class Trainer:
         # holds NaN step times (not valid JSON for strict readers).
         warmup = min(cfg.warmup_steps, (cfg.max_steps - first_step) // 2)
         every = cfg.get("checkpoint_every", 0)
+        log.info("training steps %d..%d", state.step + 1, cfg.max_steps)
         while state.step < cfg.max_steps:
             # A resumed run skips the batches its checkpoint already trained on.
             for batch in itertools.islice(self.train_data.epoch(state.epoch), state.epoch_batches, None):
@@ -123,13 +210,15 @@ class Trainer:
                 self._log_train(state, loss, t1 - t0, len(batch), bar)
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
                     t_eval = time.perf_counter()
-                    self.evaluate()
+                    self.evaluate(periodic=True)
                     self.model.train()
                     state.paused += time.perf_counter() - t_eval
                 if self.checkpoint_dir is not None and state.step % every == 0:
                     t_save = time.perf_counter()
                     self.save_checkpoint()
                     state.paused += time.perf_counter() - t_save
+                if self._stop.signum is not None:
+                    self._interrupt()
                 if state.step >= cfg.max_steps:
                     break
             else:
@@ -145,11 +234,29 @@ class Trainer:
         bar.close()
         if self.checkpoint_dir is not None and state.step % every:
             self.save_checkpoint()  # the final state, so a longer run can continue from it
+        if self._stop.signum is not None:  # arrived during the last step or checkpoint
+            self._interrupt()
         return self.evaluate()
 
-    def save_checkpoint(self) -> Path:
-        """The whole training state as checkpoints/step-N.pt; then the embeddings' external
-        store (if any) is committed at the same step (order: see dlrm/checkpoint.py)."""
+    def _interrupt(self) -> None:
+        """Checkpoint the step just finished (unless already saved), then raise `Interrupted`."""
+        stop, state = self._stop, self.state
+        if self.stop_dir is None:
+            raise RuntimeError("Trainer was built without a checkpoint dir: cannot save on a signal")
+        path = self.save_checkpoint(self.stop_dir) if self._saved_step != state.step else None
+        path = path or checkpoint.checkpoint_files(self.stop_dir)[state.step]
+        for m in self.model.modules():  # the checkpoint, not an exit flush, is the resume point
+            if isinstance(m, EmbeddingBackend):
+                m.flush_at_exit = False
+        self.tele.writer.flush()
+        log.warning("stopped by %s after step %d: checkpoint %s", signal.Signals(stop.signum).name, state.step, path)
+        stop.hand_over()  # submitit: requeue this job (exits); otherwise a no-op
+        raise Interrupted(stop.signum, state.step, self.cfg.max_steps, path)
+
+    def save_checkpoint(self, directory: Path | None = None) -> Path:
+        """The whole training state as checkpoints/step-N.pt (in `directory`, default the periodic
+        checkpoint dir); then the embeddings' external store (if any) is committed at the same
+        step (order: see dlrm/checkpoint.py)."""
         s, backend = self.state, self.model.sparse_arch
         t0 = time.perf_counter()
         payload = {
@@ -162,10 +269,13 @@ class Trainer:
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "rng": checkpoint.rng_state(),
             "config": self.run_config,
+            "dataset": checkpoint.dataset_identity(self.train_data.meta),
         }
-        path = checkpoint.save(self.checkpoint_dir, s.step, payload)
+        directory = directory or self.checkpoint_dir
+        path = checkpoint.save(directory, s.step, payload)
         backend.flush(step=s.step)
-        checkpoint.prune(self.checkpoint_dir)
+        checkpoint.prune(directory)
+        self._saved_step = s.step
         log.info("checkpoint %s (%.2f GB, %.1f s)", path, path.stat().st_size / 1e9, time.perf_counter() - t0)
         return path
 
@@ -175,6 +285,9 @@ class Trainer:
         path = checkpoint.find(source, backend.committed_step())
         ckpt = checkpoint.load(path)
         checkpoint.check_config(ckpt["config"], self.run_config, path)
+        checkpoint.check_dataset(
+            ckpt.get("dataset"), checkpoint.dataset_identity(self.train_data.meta), path, self.train_data.path
+        )
         missing, unexpected = self.model.load_state_dict(ckpt["dense"], strict=False)
         missing = [k for k in missing if not k.startswith("sparse_arch.")]
         if missing or unexpected:
@@ -236,18 +349,41 @@ class Trainer:
         self.tele.memory(state.step, backend.embedding_bytes(), self.device)
         self.tele.scalars(state.step, {f"emb/{k}": v for k, v in backend.stats().items()})
 
+    def eval_cap(self, periodic: bool) -> int:
+        """Eval batches to read (0 = the whole split): `eval_batches` caps every eval, and
+        `periodic_eval_batches` also caps the mid-training ones."""
+        caps = [self.cfg.eval_batches] + ([self.cfg.get("periodic_eval_batches", 0)] if periodic else [])
+        caps = [c for c in caps if c]
+        return min(caps) if caps else 0
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, periodic: bool = False) -> dict[str, float]:
+        """AUC, logloss and NE on the eval split (capped: `eval_cap`); AUC is NaN, with one
+        warning naming the split, when the labels read hold one class."""
+        t0 = time.perf_counter()
         self.model.eval()
         metrics = EvalMetrics()
+        cap = self.eval_cap(periodic)
         for i, batch in enumerate(self.eval_data.epoch(0)):
-            if self.cfg.eval_batches and i >= self.cfg.eval_batches:
+            if cap and i >= cap:
                 break
             batch = batch.to(self.device, non_blocking=True)
             metrics.update(self.model(batch.dense, batch.sparse), batch.labels)
         result = metrics.compute()
-        self.tele.scalars(self.state.step, {f"eval/{k}": v for k, v in result.items()})
-        log.info("step %d eval: %s", self.state.step, result)
+        if metrics.single_class and not self._warned_single_class:
+            self._warned_single_class = True
+            read = f"the first {cap} batches of eval split" if cap else "eval split"
+            log.warning(
+                "%s %r (data.eval_split) holds only label %d in %d rows: AUC is undefined "
+                "(null in results.json); evaluate on a split with clicks and non-clicks",
+                read, self.eval_split, int(metrics.pos > 0), metrics.n,
+            )
+        finite = {f"eval/{k}": v for k, v in result.items() if v == v}  # an undefined AUC is no point
+        self.tele.scalars(self.state.step, finite)
+        log.info(
+            "step %d eval (%s, %.1f s): %s",
+            self.state.step, f"{cap} batches" if cap else "whole split", time.perf_counter() - t0, result,
+        )
         return result
 
     def timing(self) -> dict[str, float]:

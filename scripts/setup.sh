@@ -5,6 +5,9 @@
 #  - torchrec's metadata asks for the CUDA package fbgemm-gpu, which shares its module name with
 #    fbgemm-gpu-cpu, so torchrec goes in with --no-deps and its real needs are named by hand.
 #  - torchmetrics 1.0.3: newer releases break torchrec's AUC/NE metrics.
+#  - So pip's resolver would report "torchrec 1.8.0 requires fbgemm-gpu, which is not installed"
+#    after every later install: expected (fbgemm-gpu-cpu provides the same module), so that one
+#    conflict is filtered out below; any other conflict is still shown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -13,7 +16,13 @@ FBGEMM=${FBGEMM:-fbgemm-gpu-cpu==1.8.0}   # on a CUDA machine: FBGEMM=fbgemm-gpu
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # pip warns once per package about index folders this machine's pip.conf names but lacks: noise.
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither a file" >&2); }
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither a file" | expected_conflict >&2); }
+# Drop pip's resolver report when its only conflict is torchrec -> fbgemm-gpu (see above).
+expected_conflict() {
+  awk '/^ERROR: pip.s dependency resolver does not currently take into account/ { held = $0; next }
+       /^torchrec [^ ]+ requires fbgemm-gpu, which is not installed\.$/ { next }
+       { if (held != "") { print held; held = "" } print }'
+}
 
 pip install torch==2.13.0
 pip install "$FBGEMM"

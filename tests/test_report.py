@@ -445,3 +445,23 @@ def test_same_seed_in_two_sweeps_is_flagged(tmp_path: Path, capsys):
     assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 0
     assert "0.7050 ± 0.0071 (2, seeds repeat)" in capsys.readouterr().out
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_undefined_auc_and_uncompressed_runs_are_marked(tmp_path: Path, capsys):
+    """auc: null (an eval split with one class) is shown as undefined, never as a score; a
+    compressing backend that compressed no table (compressed_tables: 0) is marked."""
+    make_run(tmp_path, 0, auc=0.7)
+    one_class = make_run(tmp_path, 1, backend="hashed", knobs={"compression": 4}, auc=0.6)
+    results = json.loads((one_class / "results.json").read_text())
+    (one_class / "results.json").write_text(json.dumps({**results, "auc": None}))
+    nothing = make_run(tmp_path, 2, backend="tt", knobs={"rank": 8}, auc=0.69)
+    results = json.loads((nothing / "results.json").read_text())
+    (nothing / "results.json").write_text(json.dumps({**results, "compressed_tables": 0}))
+    assert report.main([str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("| hashed"))
+    assert "undefined: one-class eval split (1)" in row and "0.6000" not in row
+    assert "| tt (no table compressed: emb.min_rows) |" in text
+    assert "Failed or unfinished" not in text  # both finished; neither is a failure
+    groups = pd.read_csv(tmp_path / "report.csv")
+    assert math.isnan(groups.set_index("backend").at["hashed", "auc_mean"])

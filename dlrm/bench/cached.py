@@ -8,8 +8,8 @@ store the time per step inside its undo journal (reading the old rows and append
 --durable also the fdatasync of each append).
 
 Tables: the 26 Kaggle tables capped at --max-rows; those with >= --min-rows rows are cached.
-Ids: Zipf(--alpha) ranks scattered over each table by a multiplicative hash (hot ids are not
-neighbours, as in real data); the warm-start counts are a bincount of an independent sample of
+Ids: Zipf(--alpha) ranks scattered over each table by a multiplicative hash (bench/common.py: hot
+ids are not neighbours, as in real data); the warm-start counts are a bincount of an independent sample of
 --count-samples ids from the same distribution, written as counts/<feature>.npy.
 
 --disk-rows N adds one extra setting: a single N-row table on disk (cached at --cache-fraction),
@@ -35,40 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm.bench.common import zipf_ids, zipf_kjt
 from dlrm.data.schema import KAGGLE_CARDINALITIES, SPARSE
 from dlrm.embeddings import TableSpec, build_embeddings
-from dlrm.embeddings.cache_store import DiskStore
-
-SPREAD = 2654435761  # odd multiplier: a bijection of [0, rows) when gcd(SPREAD, rows) == 1
-
-
-def zipf_ids(rows: int, n: int, alpha: float, rng: np.random.Generator, spread: bool = True) -> np.ndarray:
-    ranks = (rng.zipf(alpha, size=n) - 1) % rows
-    return (ranks * SPREAD) % rows if spread else ranks
-
-
-def make_batches(tables, batch_size, n, alpha, rng, spread=True) -> list[KeyedJaggedTensor]:
-    out = []
-    for _ in range(n):
-        values = [torch.from_numpy(zipf_ids(t.rows, batch_size, alpha, rng, spread)) for t in tables]
-        out.append(
-            KeyedJaggedTensor.from_lengths_sync(
-                keys=[f for t in tables for f in t.features],
-                values=torch.cat(values),
-                lengths=torch.ones(len(tables) * batch_size, dtype=torch.int64),
-            )
-        )
-    return out
-
+from dlrm.embeddings.cached.disk import DiskStore
 
 def write_counts(tables, alpha, samples, rng, where: Path) -> float:
     """Warm-start counts per table; returns the share of the sample the top 1% of ids take."""
     where.mkdir(parents=True, exist_ok=True)
     top = []
     for t in tables:
-        counts = np.bincount(zipf_ids(t.rows, samples, alpha, rng), minlength=t.rows)
+        counts = np.bincount(zipf_ids(rng, t.rows, samples, alpha, scatter=True), minlength=t.rows)
         np.save(where / f"{t.features[0]}.npy", counts.astype(np.int64))
         k = max(1, t.rows // 100)
         top.append(np.partition(counts, t.rows - k)[t.rows - k :].sum() / samples)
@@ -198,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             top1 = write_counts(big, args.alpha, args.count_samples, rng, root / "counts")
             print(f"Kaggle-shaped: the top 1% of ids take {top1:.3f} of a {args.count_samples:,}-id sample "
                   "(mean over the cached tables)")
-            batches = make_batches(tables, args.batch_size, args.batches, args.alpha, rng)
+            batches = [zipf_kjt(tables, args.batch_size, rng, args.alpha, scatter=True) for _ in range(args.batches)]
             full_cfg = OmegaConf.create({"name": "full", "dim": args.dim, "pooling": "sum", "check_ids": True})
             settings = [("full", full_cfg)] + [
                 (f"cached {s}", cached_cfg(s, root / "counts", args.min_rows, f"kaggle_{s}"))
@@ -212,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             spread = args.disk_warm == "counts"
             if spread:
                 write_counts(one, args.alpha, args.count_samples, rng, root / "counts_big")
-            batches = make_batches(one, args.batch_size, args.batches, args.alpha, rng, spread)
+            batches = [zipf_kjt(one, args.batch_size, rng, args.alpha, scatter=spread) for _ in range(args.batches)]
             big_cfg = cached_cfg("disk", root / "counts_big", 1, "big")
             big_cfg.warm_start = args.disk_warm
             settings = [("cached disk", big_cfg)]

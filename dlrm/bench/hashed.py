@@ -11,39 +11,15 @@ Ids are drawn Zipf-like (as in Criteo) within each table. Prints a markdown tabl
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm.bench.common import median_ms as time_ms
+from dlrm.bench.common import zipf_kjt
 from dlrm.data.schema import KAGGLE_CARDINALITIES, SPARSE
 from dlrm.embeddings import TableSpec, build_embeddings
-
-
-def batch(tables: list[TableSpec], batch_size: int, hot: int, rng: np.random.Generator) -> KeyedJaggedTensor:
-    """`hot` ids per bag (1 = single-hot), Zipf(1.05)-ranked ids scattered over each table."""
-    values = []
-    for t in tables:
-        ranks = rng.zipf(1.05, size=batch_size * hot) % t.rows
-        values.append(torch.from_numpy((ranks * 2654435761) % t.rows))  # spread hot ids around
-    lengths = torch.full((len(tables) * batch_size,), hot)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[f for t in tables for f in t.features], values=torch.cat(values), lengths=lengths
-    )
-
-
-def time_ms(fn, steps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -54,7 +30,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     ]
     optim = OmegaConf.create({"name": "sgd", "lr": 0.01})
     rng = np.random.default_rng(0)
-    batches = [batch(tables, args.batch_size, args.hot, rng) for _ in range(4)]
+    # `hot` ids per bag (1 = single-hot), Zipf(1.05)-ranked ids scattered over each table
+    batches = [zipf_kjt(tables, args.batch_size, rng, scatter=True, hot=args.hot) for _ in range(4)]
     settings = [("full", None, None)] + [
         (name, c, comb)
         for c in args.compression

@@ -30,11 +30,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.bench import vs_reference
+from dlrm.bench.common import dlrm_batch
+from dlrm.build import build_model, table_specs
 from dlrm.data.schema import KAGGLE_CARDINALITIES, SPARSE
-from dlrm.data.synthetic import zipf_ids
-from dlrm.embeddings import TableSpec, build_embeddings
+from dlrm.embeddings import TableSpec
 from dlrm.embeddings.base import EmbeddingBackend
-from dlrm.model import DLRM
 from dlrm.trainer import dense_optimizer
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the shipped defaults are what we measure
@@ -65,30 +65,19 @@ class DenseGradEBC(EmbeddingBackend):
 
 
 def make_batches(cards: list[int], batch_size: int, n: int, seed: int = 0):
+    """`n` (dense, KJT, labels) batches over one table per Criteo feature of `cards` rows."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ids = np.stack([zipf_ids(rng, c, batch_size, 1.05) for c in cards])
-        kjt = KeyedJaggedTensor(
-            keys=SPARSE,
-            values=torch.from_numpy(ids.reshape(-1)),
-            offsets=torch.arange(len(SPARSE) * batch_size + 1),
-            stride=batch_size,
-        )
-        dense = torch.from_numpy(np.log1p(rng.exponential(5.0, (batch_size, 13))).astype(np.float32))
-        labels = torch.from_numpy((rng.random(batch_size) < 0.25).astype(np.float32))
-        out.append((dense, kjt, labels))
-    return out
+    tables = table_specs(dict(zip(SPARSE, cards)), 1)  # only rows and features matter here
+    return [dlrm_batch(tables, batch_size, rng) for _ in range(n)]
 
 
 def build(backend: str, cards: list[int], cfg):
-    tables = [TableSpec(f"t_{f}", c, cfg.emb.dim, (f,)) for f, c in zip(SPARSE, cards)]
+    cardinalities = dict(zip(SPARSE, cards))
+    emb = None
     if backend == "ebc_dense_grad":
-        emb = DenseGradEBC(tables, lr=cfg.optim.sparse.lr)
-    else:
-        emb = build_embeddings(tables, cfg.emb, cfg.optim.sparse, torch.device("cpu"))
-    model = DLRM(emb, 13, list(cfg.model.bottom_mlp), list(cfg.model.top_mlp), cfg.trainer.precision)
-    opts = [dense_optimizer(model.dense_parameters(), cfg.optim.dense), *emb.optimizers()]
+        emb = DenseGradEBC(table_specs(cardinalities, cfg.emb.dim), lr=cfg.optim.sparse.lr)
+    model = build_model(cfg, cardinalities, torch.device("cpu"), 13, embeddings=emb)
+    opts = [dense_optimizer(model.dense_parameters(), cfg.optim.dense), *model.sparse_arch.optimizers()]
     return model, opts
 
 

@@ -14,16 +14,14 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 
+from dlrm.bench.common import time_each
+from dlrm.build import build_model
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
-from dlrm.embeddings import TableSpec, build_embeddings
-from dlrm.model import DLRM, resolve_precision
 from dlrm.telemetry import Telemetry
 from dlrm.train import dataset_path, resolve_device, set_threads
 from dlrm.trainer import Trainer
@@ -32,12 +30,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def median_ms(trainer: Trainer, batches, warmup: int) -> float:
-    times = []
-    for batch in batches:
-        t0 = time.perf_counter()
-        trainer.train_step(batch)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[warmup:]) * 1e3
+    return statistics.median(time_each(trainer.train_step, batches, warmup))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,10 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(cfg.trainer.device)
     threads = set_threads(cfg.trainer.threads)
     train = ParquetLoader(dataset_path(cfg.data), cfg.data.train_split, cfg.trainer.batch_size, seed=cfg.seed)
-    tables = [TableSpec(f"t_{f}", train.cardinalities[f], cfg.emb.dim, (f,)) for f in SPARSE]
-    emb = build_embeddings(tables, cfg.emb, cfg.optim.sparse, device)
-    model = DLRM(emb, train.dense_width, list(cfg.model.bottom_mlp), list(cfg.model.top_mlp),
-                 resolve_precision(cfg.trainer.precision, device))
+    model = build_model(cfg, {f: train.cardinalities[f] for f in SPARSE}, device, train.dense_width)
     with tempfile.TemporaryDirectory() as tb:
         trainer = Trainer(cfg, model, train, train, Telemetry(Path(tb)), device)
         batches = train.epoch(0)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
-import time
 
+import numpy as np
 import torch
+
+from dlrm.bench import common
 
 from dlrm.data.schema import KAGGLE_CARDINALITIES
 from dlrm.embeddings.base import FP32_BYTES, TableSpec
@@ -34,37 +35,15 @@ from dlrm.embeddings.tt_kernels import (
     tt_shape,
 )
 
-# Odd multiplier of Knuth's multiplicative hash: scatters Zipf ranks over the id space, so hot
-# ids do not all share leading digits (real preprocessed ids are not sorted by frequency).
-SCATTER = 2654435761
-
-
-def zipf_ids(n: int, rows: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
-    """`n` ids in [0, rows): Zipf(alpha) ranks (continuous inverse CDF), scattered over the rows."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    a = 1.0 - alpha
-    ranks = ((rows**a - 1.0) * u + 1.0) ** (1.0 / a)
-    ranks = ranks.long().clamp(1, rows) - 1
-    return (ranks * SCATTER) % rows
+def zipf_ids(n: int, rows: int, alpha: float, rng: np.random.Generator) -> torch.Tensor:
+    """`n` ids in [0, rows): Zipf(alpha) ranks scattered over the rows (bench/common.py)."""
+    return torch.from_numpy(common.zipf_ids(rng, rows, n, alpha, scatter=True))
 
 
 def _time(fn, repeats: int, warmup: int = 10) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        fn()
-        cpu.append((time.thread_time() - c0) * 1e3)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    # thread CPU time leaves out time spent waiting for a core: the steadier figure on a shared
-    # machine (with one thread it equals wall time on an idle one).
-    return {
-        "median_ms": statistics.median(times),
-        "p10_ms": times[len(times) // 10],
-        "cpu_ms": statistics.median(cpu),
-    }
+    wall, cpu = common.timings(fn, repeats, warmup)
+    wall.sort()
+    return {"median_ms": statistics.median(wall), "p10_ms": wall[len(wall) // 10], "cpu_ms": statistics.median(cpu)}
 
 
 def bench_rank(rows: int, dim: int, cores: int, rank: int, ids: torch.Tensor, repeats: int) -> dict:
@@ -127,7 +106,8 @@ def bench_backend(rank: int, dim: int, batch: int, alpha: float, repeats: int, s
     emb = TTEmbeddings(tables, cfg, OmegaConf.create({"lr": 0.01}), torch.device("cpu"))
     (opt,) = emb.optimizers()
     gen = torch.Generator().manual_seed(seed)
-    values = torch.cat([zipf_ids(batch, n, alpha, gen) for n in big])
+    rng = np.random.default_rng(seed)
+    values = torch.cat([zipf_ids(batch, n, alpha, rng) for n in big])
     kjt = KeyedJaggedTensor.from_lengths_sync(
         [t.features[0] for t in tables], values, torch.ones(len(big) * batch, dtype=torch.long)
     )
@@ -168,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     if args.dist == "zipf":
-        ids = zipf_ids(args.batch, args.rows, args.alpha, gen)
+        ids = zipf_ids(args.batch, args.rows, args.alpha, np.random.default_rng(args.seed))
     else:
         ids = torch.randint(0, args.rows, (args.batch,), generator=gen)
 

@@ -1,6 +1,6 @@
-"""Embedding backends behind one contract (see base.py) and the registry that picks them."""
+"""Embedding backends behind one contract (base.py), picked by an explicit registry (registry.py)."""
 
-from dlrm.embeddings.base import EmbeddingBackend, TableSpec
-from dlrm.embeddings.registry import build_embeddings
+from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec
+from dlrm.embeddings.registry import BACKENDS, build_embeddings
 
-__all__ = ["EmbeddingBackend", "TableSpec", "build_embeddings"]
+__all__ = ["BACKENDS", "EmbeddingBackend", "Runtime", "TableSpec", "build_embeddings"]

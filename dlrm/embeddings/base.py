@@ -19,14 +19,64 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from dlrm.options import Opt, check_options
+
 FP32_BYTES = 4
+POOLINGS = ("sum", "mean")  # how a multi-hot bag's rows are pooled
+# The keys every backend's emb section has (conf/emb/full.yaml); backends add their own.
+TABLE_OPTIONS: dict[str, Opt] = {
+    "name": Opt(str),
+    "dim": Opt(int, min=1),
+    "pooling": Opt(str, choices=POOLINGS),
+    "check_ids": Opt(bool),
+}
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Facts of this run that are not settings: passed to backends, never written into the config.
+
+    `seed` is the training seed (every random choice a backend makes derives from it);
+    `store_dir` is where a backend keeps files that outlive the process when its config names no
+    place (a disk store goes to `store_dir/emb_store`; None: a fresh temp dir); `resuming` says
+    whether this run continues a checkpointed one (a disk store is then reopened, never created).
+    """
+
+    seed: int = 0
+    store_dir: Path | None = None
+    resuming: bool = False
+
+
+@functools.lru_cache(maxsize=None)
+def yaml_defaults(name: str) -> dict:
+    """The settings `conf/emb/<name>.yaml` gives (its `defaults:` list merged, `${rank}` and
+    `${compression}` resolved from conf/config.yaml), as a plain dict; {} if there is no such file.
+
+    The YAML is the one place defaults are written: a backend built outside Hydra (tests,
+    benchmarks) with a partial config gets the rest from here, never from code."""
+    file = CONF_DIR / "emb" / f"{name}.yaml"
+    if not file.exists():
+        return {}
+    node = OmegaConf.load(file)
+    parts = list(node.pop("defaults", None) or ["_self_"])
+    merged = OmegaConf.create()
+    for part in parts if "_self_" in parts else [*parts, "_self_"]:
+        merged = OmegaConf.merge(merged, node if part == "_self_" else yaml_defaults(part))
+    top = OmegaConf.load(CONF_DIR / "config.yaml")
+    root = OmegaConf.create({"rank": top.rank, "compression": top.compression, "emb": merged})
+    return OmegaConf.to_container(root, resolve=True)["emb"]
 
 
 @dataclass(frozen=True)
@@ -51,12 +101,34 @@ class EmbeddingBackend(nn.Module, ABC):
     """Base class: a KJT -> KeyedTensor module that accounts for its memory."""
 
     name: str = "?"
+    # conf/emb/<config_name>.yaml holds this backend's settings and their defaults (None: `name`).
+    config_name: str | None = None
+    # Every emb.* key this backend reads, with its type, range or choices (dlrm/options.py);
+    # `check_config` checks a whole emb section against it (unknown keys too) in validate().
+    options: dict[str, Opt] = TABLE_OPTIONS
 
     def __init__(self, tables: list[TableSpec]) -> None:
         super().__init__()
         self.tables = list(tables)
         self.features = [f for t in self.tables for f in t.features]
         self.dims = [t.dim for t in self.tables for _ in t.features]
+
+    @classmethod
+    def settings(cls, cfg: DictConfig) -> DictConfig:
+        """`cfg` (the `emb` section, resolved) over the defaults of this backend's YAML file, so a
+        backend built from a partial config reads every key it needs from the YAML. The values
+        of its declared `options` are checked (ConfigError, a ValueError, naming `emb.<key>`);
+        keys it does not declare are left to `check_config` (the whole-config validation)."""
+        given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        merged = OmegaConf.merge(yaml_defaults(cls.config_name or cls.name), given)
+        check_options({k: v for k, v in merged.items() if k in cls.options}, cls.options, "emb")
+        return merged
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Check a composed emb section: every key declared in `options`, each value fits.
+        Raises ConfigError naming `emb.<key>`."""
+        check_options(cfg, cls.options, "emb")
 
     @abstractmethod
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -145,3 +217,31 @@ def check_ids_in_range(features: KeyedJaggedTensor, tables: list[TableSpec]) -> 
             f"feature {name}: ids must be in [0, {int(rows[i])}) but the batch has ids in "
             f"[{int(low[i])}, {int(top[i])}]"
         )
+
+
+def per_table(
+    tables: list[TableSpec], features: KeyedJaggedTensor
+) -> Iterator[tuple[TableSpec, torch.Tensor, torch.Tensor]]:
+    """Yield `(table, ids, offsets)` per table of a key-major KJT whose keys are the tables'
+    features in order (`EmbeddingBackend.features`).
+
+    A table's features are consecutive keys, so its ids are one contiguous run of `values()`:
+    `ids` is that run (`[n]`, a view) and `offsets` its bags' offsets rebased to start at 0
+    (`[len(table.features) * B + 1]`), ready for a pooled lookup of `ids`.
+
+    >>> kjt = KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.tensor([5, 6, 7]),
+    ...                                           torch.tensor([1, 2]))
+    >>> [(t.name, ids.tolist(), off.tolist()) for t, ids, off in per_table(
+    ...     [TableSpec("t_a", 9, 4, ("a",)), TableSpec("t_b", 9, 4, ("b",))], kjt)]
+    [('t_a', [5], [0, 1]), ('t_b', [6, 7], [0, 2])]
+    """
+    values, offsets = features.values(), features.offsets()
+    value_start = features.offset_per_key()
+    batch = features.stride()
+    key = 0
+    for t in tables:
+        n = len(t.features)
+        start = value_start[key]
+        ids = values[start : value_start[key + n]]
+        yield t, ids, offsets[key * batch : (key + n) * batch + 1] - start
+        key += n

@@ -17,7 +17,8 @@ overflow int64 once x >= 2^31; reducing x mod p first would make x and x + p col
 Coefficients come from numpy's PCG64 seeded with (emb.hash_seed, crc32(table name)): the same in
 every process and on every platform, different per table.
 
-This module also holds what `emb=qr` (qr.py) shares: per-table overrides and collision stats.
+The hash is an id transform (`remap`) in front of one plain fbgemm table per compressed table
+(remap.py), the shape torchrec's sharding planner can take.
 
 Example::
 
@@ -30,21 +31,17 @@ Example::
 
 from __future__ import annotations
 
-import logging
 import math
 import zlib
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dlrm.embeddings.base import EmbeddingBackend, TableSpec
-from dlrm.embeddings.full import fused_tables, tbe_bytes
-from dlrm.embeddings.registry import register
-
-log = logging.getLogger(__name__)
+from dlrm.embeddings.base import Runtime, TableSpec, per_table
+from dlrm.embeddings.remap import REMAP_OPTIONS, RemappedTables, collision_stats, rates, table_overrides
+from dlrm.options import Opt
 
 PRIME = 4_294_967_291  # 2^32 - 5, the largest prime below 2^32
 LIMB_BITS = 30
@@ -77,85 +74,35 @@ def universal_hash(ids: torch.Tensor, coeffs: torch.Tensor, buckets: torch.Tenso
     return (h % PRIME) % buckets
 
 
-def check_compression(cfg: DictConfig) -> float:
-    """`emb.compression` as a float >= 1, or a one-line error naming it."""
-    c = cfg.get("compression", 16)
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 1:
-        raise ValueError(f"emb.compression={c!r}: must be a number >= 1 (rows per compressed row)")
-    return float(c)
-
-
-def table_overrides(cfg: DictConfig, key: str, tables: list[TableSpec]) -> dict[str, int]:
-    """Per-table integer overrides `emb.<key>: {table or feature name: n}`, keyed by table name.
-
-    Values must be positive integers (error otherwise). Names that are none of `tables` are only
-    logged: the registry may have kept that table full (below `emb.min_rows`), which is not an error.
-    """
-    given = cfg.get(key) or {}
-    if not isinstance(given, Mapping):
-        raise ValueError(f"emb.{key}={given!r}: must be a mapping {{table: count}}, e.g. {{t_C3: 100000}}")
-    by_name = {t.name: t for t in tables} | {f: t for t in tables for f in t.features}
-    out: dict[str, int] = {}
-    for name, n in given.items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"emb.{key}.{name}={n!r}: must be a positive integer")
-        if name in by_name:
-            out[by_name[name].name] = n
-        else:
-            log.warning("emb.%s.%s: no compressed table or feature of that name; ignored", key, name)
-    return out
-
-
-def collision_stats(ids: torch.Tensor, rows: torch.Tensor) -> tuple[int, int, int]:
-    """(distinct ids, distinct ids sharing their row with another distinct id, distinct rows).
-
-    `ids` and `rows` are one table's lookups and the rows they hit; a repeated id is one id.
-
-    >>> collision_stats(torch.tensor([5, 5, 6, 7]), torch.tensor([2, 2, 2, 3]))
-    (3, 2, 2)
-    """
-    distinct, inverse = torch.unique(ids, return_inverse=True)
-    # Row of each distinct id: any of its lookups will do, all hit the same row.
-    row_of = torch.empty(len(distinct), dtype=rows.dtype, device=rows.device).scatter_(0, inverse, rows)
-    used, which, counts = torch.unique(row_of, return_inverse=True, return_counts=True)
-    return len(distinct), int((counts[which] > 1).sum()), len(used)
-
-
-def per_table(tables: list[TableSpec], length_per_key: list[int], *tensors: torch.Tensor):
-    """Yield (index, table, slices of `tensors`) per table: a table's features are consecutive keys,
-    so its lookups are one contiguous run of the key-major values."""
-    sizes, k = [], 0
-    for t in tables:
-        sizes.append(sum(length_per_key[k : k + len(t.features)]))
-        k += len(t.features)
-    for i, (t, *parts) in enumerate(zip(tables, *(x.split(sizes) for x in tensors))):
-        yield i, t, parts
-
-
-def rates(distinct: int, collided: int, touched: int, suffix: str = "") -> dict[str, float]:
-    return {f"collision_rate{suffix}": collided / max(distinct, 1), f"rows_touched{suffix}": float(touched)}
-
-
-class HashedEmbeddings(EmbeddingBackend):
-    """Hashing trick: ids hashed into `ceil(rows / compression)` rows (or `emb.buckets[table]`)."""
+class HashedEmbeddings(RemappedTables):
+    """Hashing trick: ids hashed into `ceil(rows / compression)` rows (or `emb.buckets[feature]`)."""
 
     name = "hashed"
+    options = {
+        **REMAP_OPTIONS,
+        "buckets": Opt(dict, nullable=True),
+        "hash_seed": Opt(int, min=0),
+        "stats_per_table": Opt(bool),
+    }
 
     def __init__(
-        self, tables: list[TableSpec], cfg: DictConfig, optim: DictConfig, device: torch.device
+        self,
+        tables: list[TableSpec],
+        cfg: DictConfig,
+        optim: DictConfig,
+        device: torch.device,
+        runtime: Runtime | None = None,
     ) -> None:
         super().__init__(tables)
-        compression = check_compression(cfg)
-        overrides = table_overrides(cfg, "buckets", self.tables)
-        self.buckets = [overrides.get(t.name, math.ceil(t.rows / compression)) for t in self.tables]
-        seed = cfg.get("hash_seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"emb.hash_seed={seed!r}: must be an integer >= 0")
-        hashed = [
+        cfg = self.settings(cfg)
+        overrides = table_overrides(cfg.buckets, "buckets", self.tables)
+        self.buckets = [overrides.get(t.name, math.ceil(t.rows / cfg.compression)) for t in self.tables]
+        seed = cfg.hash_seed
+        self.physical_tables = [
             TableSpec(t.name, rows=n, dim=t.dim, features=t.features)
             for t, n in zip(self.tables, self.buckets)
         ]
-        self.tbe = fused_tables(hashed, optim, cfg.get("pooling", "sum"), device)
+        self.build_tables(optim, cfg.pooling, device)
         table_of_feature = [i for i, t in enumerate(self.tables) for _ in t.features]
         coeffs = torch.tensor(
             [hash_coefficients(seed, t.name) + [n] for t, n in zip(self.tables, self.buckets)],
@@ -163,8 +110,8 @@ class HashedEmbeddings(EmbeddingBackend):
         )
         # Per feature: (a0, a1, a2, b, buckets); part of the state so a checkpoint carries its hash.
         self.register_buffer("hash_params", coeffs[table_of_feature].to(device))
-        self.per_table_stats = cfg.get("stats_per_table", False)
-        self._last: tuple[torch.Tensor, list[int], torch.Tensor] | None = None
+        self.per_table_stats = cfg.stats_per_table
+        self._last: tuple[KeyedJaggedTensor, torch.Tensor] | None = None
 
     def hash(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """The bucket of every id in `features` (keys = self.features), in value order."""
@@ -181,17 +128,13 @@ class HashedEmbeddings(EmbeddingBackend):
             ids = values
         return universal_hash(ids, per_id[..., :4], per_id[..., 4]).reshape(-1)
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+    def remap(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.hash(features)
         # Stats are computed lazily from these references, only when the trainer asks; they
         # describe the last training batch (results.json is written after the final eval).
         if self.training:
-            self._last = (features.values(), features.length_per_key(), rows)
-        pooled = self.tbe(rows, features.offsets())
-        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=pooled)
-
-    def embedding_bytes(self) -> int:
-        return tbe_bytes(self.tbe)
+            self._last = (features, rows)
+        return rows, features.offsets()
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
@@ -203,10 +146,13 @@ class HashedEmbeddings(EmbeddingBackend):
         """
         if self._last is None:
             return {}
-        values, lengths, rows = self._last
+        features, rows = self._last
+        hit = KeyedJaggedTensor(
+            keys=features.keys(), values=rows, offsets=features.offsets(), stride=features.stride()
+        )
         total, out = [0, 0, 0], {}
-        for _, t, (ids, hit) in per_table(self.tables, lengths, values, rows):
-            counts = collision_stats(ids, hit)
+        for (t, ids, _), (_, rows_of_t, _) in zip(per_table(self.tables, features), per_table(self.tables, hit)):
+            counts = collision_stats(ids, rows_of_t)
             total = [a + c for a, c in zip(total, counts)]
             if self.per_table_stats:
                 out |= rates(*counts, suffix=f"/{t.name}")
@@ -217,10 +163,3 @@ class HashedEmbeddings(EmbeddingBackend):
             f"{t.name}: hashed {t.rows} -> {n} x {t.dim} ({t.rows / n:.1f}x)"
             for t, n in zip(self.tables, self.buckets)
         )
-
-
-register("hashed", HashedEmbeddings)
-
-# emb=qr lives in qr.py and shares the helpers above; importing it here registers it, because the
-# registry imports only this module of the two.
-from dlrm.embeddings import qr  # noqa: E402, F401

@@ -17,7 +17,7 @@ as many half-width rows for concat, m is the larger root of m + rows / m = T:
 
 so the remainder table is about a hashed table's size and the quotient table small (~c rows).
 If T^2 < 4 rows (a table smaller than 4 c^2 rows), no m reaches c; m = ceil(sqrt(rows)) then gives
-the fewest rows QR can (2 sqrt(rows)) and a warning says so. `emb.m: {t_C3: 5000}` overrides.
+the fewest rows QR can (2 sqrt(rows)) and a warning says so. `emb.m: {C3: 5000}` overrides.
 
 Pooling. Per bag, combine per id, then pool: sum_i q_i * r_i is not (sum q_i) * (sum r_i). For
 `add` and `concat` the two orders agree, so both tables are pooled inside fbgemm's kernel. For
@@ -41,10 +41,9 @@ import torch
 from omegaconf import DictConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from dlrm.embeddings.base import EmbeddingBackend, TableSpec, check_ids_in_range
-from dlrm.embeddings.full import fused_tables, tbe_bytes
-from dlrm.embeddings.hashed import check_compression, collision_stats, per_table, rates, table_overrides
-from dlrm.embeddings.registry import register
+from dlrm.embeddings.base import Runtime, TableSpec, check_ids_in_range, per_table
+from dlrm.embeddings.remap import REMAP_OPTIONS, RemappedTables, collision_stats, rates, table_overrides
+from dlrm.options import Opt
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +85,26 @@ def remainder_size(rows: int, compression: float, widen: float = 1.0) -> int:
     return max(1, min(rows, math.ceil((target + math.sqrt(disc)) / 2)))
 
 
-class QREmbeddings(EmbeddingBackend):
-    """Quotient-remainder tables: id x -> combine(Q[x // m], R[x % m])."""
+class QREmbeddings(RemappedTables):
+    """Quotient-remainder tables: id x -> combine(Q[x // m], R[x % m]).
+
+    The id transform (`remap`: x -> x // m, x % m) feeds one plain TBE holding both tables per
+    compressed table (`physical_tables`); `forward` then combines the two rows."""
 
     name = "qr"
+    options = {**REMAP_OPTIONS, "combiner": Opt(str, choices=COMBINERS), "m": Opt(dict, nullable=True)}
 
     def __init__(
-        self, tables: list[TableSpec], cfg: DictConfig, optim: DictConfig, device: torch.device
+        self,
+        tables: list[TableSpec],
+        cfg: DictConfig,
+        optim: DictConfig,
+        device: torch.device,
+        runtime: Runtime | None = None,
     ) -> None:
         super().__init__(tables)
-        self.combiner = cfg.get("combiner", "mult")
-        if self.combiner not in COMBINERS:
-            raise ValueError(f"emb.combiner={self.combiner!r}: choose one of {list(COMBINERS)}")
+        cfg = self.settings(cfg)
+        self.combiner = cfg.combiner
         shared = [t.name for t in self.tables if len(t.features) != 1]
         if shared:  # the per-feature [Q, R] layout below assumes one feature per table
             raise ValueError(f"emb=qr: tables {shared} are shared by several features; qr takes one feature per table")
@@ -109,8 +116,8 @@ class QREmbeddings(EmbeddingBackend):
             raise ValueError(f"emb.dim={self.dim}: combiner=concat splits it in halves, so it must be even")
         self.width = self.dim // 2 if self.combiner == "concat" else self.dim
 
-        compression = check_compression(cfg)
-        overrides = table_overrides(cfg, "m", self.tables)
+        compression = float(cfg.compression)
+        overrides = table_overrides(cfg.m, "m", self.tables)
         self.m = []
         for t in self.tables:
             if t.name in overrides and overrides[t.name] > t.rows:
@@ -126,23 +133,23 @@ class QREmbeddings(EmbeddingBackend):
 
         # One TBE for both; per feature its quotient then its remainder (virtual features f_q, f_r),
         # so a pooled lookup is [B, F, 2, width]: for concat that already is the output.
-        specs = [
+        self.physical_tables = [
             TableSpec(f"{t.name}_{part}", n, self.width, tuple(f"{f}_{part}" for f in t.features))
             for t, q, m in zip(self.tables, self.quotient_rows, self.m)
             for part, n in (("q", q), ("r", m))
         ]
-        self.pooling = cfg.get("pooling", "sum")
+        self.pooling = cfg.pooling
         # mult pools after combining (in forward), so its lookups must not average.
-        self.tbe = fused_tables(specs, optim, "sum" if self.combiner == "mult" else self.pooling, device)
+        self.build_tables(optim, "sum" if self.combiner == "mult" else self.pooling, device)
         if self.combiner in ("mult", "add"):
             with torch.no_grad():
                 for w in self.tbe.split_embedding_weights()[0::2]:
                     w.fill_(1.0 if self.combiner == "mult" else 0.0)
 
-        self.check_ids = cfg.get("check_ids", True)
+        self.check_ids = cfg.check_ids
         self.m_of_feature = [m for t, m in zip(self.tables, self.m) for _ in t.features]
         self.register_buffer("m_per_feature", torch.tensor(self.m_of_feature, device=device))
-        self._last: tuple[torch.Tensor, list[int]] | None = None
+        self._last: KeyedJaggedTensor | None = None
 
     def split_ids(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Ids in the TBE's order: per feature (keys = self.features), all x // m then all x % m."""
@@ -157,21 +164,24 @@ class QREmbeddings(EmbeddingBackend):
             parts += [x // m, x % m]
         return torch.cat(parts)
 
+    def remap(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the [Q, R] table pairs and the offsets of a pooled lookup: each virtual
+        feature (f_q, f_r) has its feature's bags."""
+        f, b = len(self.features), features.stride()
+        per_part = features.lengths().view(f, 1, b).expand(f, 2, b).reshape(-1)
+        return self.split_ids(features), torch.nn.functional.pad(per_part.cumsum(0), (1, 0))
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self.check_ids:
             check_ids_in_range(features, self.tables)
-        ids = self.split_ids(features)
         if self.training:  # stats describe the last training batch, not an eval batch
-            self._last = (features.values(), features.length_per_key())
+            self._last = features
         n, f, b = features.values().numel(), len(self.features), features.stride()
         lengths = features.lengths()
         if self.combiner == "mult" and not (n == f * b and bool((lengths == 1).all())):
-            out = self._mult_multi_hot(ids, features.length_per_key(), lengths, b)
+            out = self._mult_multi_hot(self.split_ids(features), features.length_per_key(), lengths, b)
         else:
-            # Each virtual feature's bags are its feature's bags.
-            per_part = lengths.view(f, 1, b).expand(f, 2, b).reshape(-1)
-            offsets = torch.nn.functional.pad(per_part.cumsum(0), (1, 0))
-            pooled = self.tbe(ids, offsets).view(b, f, 2, self.width)
+            pooled = self.tbe(*self.remap(features)).view(b, f, 2, self.width)
             if self.combiner == "mult":
                 out = PairProduct.apply(pooled)
             elif self.combiner == "add":
@@ -207,9 +217,6 @@ class QREmbeddings(EmbeddingBackend):
             pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
         return pooled.view(f, b, self.dim).transpose(0, 1)
 
-    def embedding_bytes(self) -> int:
-        return tbe_bytes(self.tbe)
-
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
         """Of the last training batch: collision_rate (share of its distinct ids that share their
@@ -217,9 +224,8 @@ class QREmbeddings(EmbeddingBackend):
         tells apart; comparable to emb=hashed's) and rows_touched (distinct rows of both tables)."""
         if self._last is None:
             return {}
-        values, lengths = self._last
         distinct = collided = touched = 0
-        for i, _, (ids,) in per_table(self.tables, lengths, values):
+        for i, (_, ids, _) in enumerate(per_table(self.tables, self._last)):
             d, c, r_rows = collision_stats(ids, ids % self.m[i])
             distinct, collided = distinct + d, collided + c
             touched += r_rows + torch.unique(ids // self.m[i]).numel()
@@ -232,5 +238,3 @@ class QREmbeddings(EmbeddingBackend):
             for t, q, m in zip(self.tables, self.quotient_rows, self.m)
         )
 
-
-register("qr", QREmbeddings)

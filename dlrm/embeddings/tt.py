@@ -22,35 +22,47 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from dlrm.embeddings.base import EmbeddingBackend, TableSpec, check_ids_in_range
-from dlrm.embeddings.registry import register
+from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec, check_ids_in_range, per_table
+from dlrm.embeddings.policy import POLICY_OPTIONS, resolve_table
 from dlrm.embeddings.tt_kernels import TTShape, init_cores, pool, tt_rows, tt_shape
+from dlrm.options import Opt
 
 OPTIMIZERS = ("adagrad", "sgd")
+# The TT settings proper (also the keys of emb.tt under emb=cached emb.store=tt).
+TT_OPTIONS: dict[str, Opt] = {
+    "rank": Opt(int, min=1),
+    "ranks": Opt(list, nullable=True),
+    "cores": Opt(int, min=2),
+    "shapes": Opt(dict, nullable=True),
+    "optimizer": Opt(str, choices=OPTIMIZERS),
+    "lr": Opt(float, min=0),
+    "eps": Opt(float, min=0),
+}
 SHAPE_KEYS = {"rows", "dims", "ranks"}
 
 
 def table_shapes(tables: list[TableSpec], cfg: DictConfig) -> dict[str, TTShape]:
     """TT shape per table from the emb config: automatic factors unless emb.shapes overrides.
 
-    emb.shapes maps a table or feature name to any of {rows: [...], dims: [...], ranks: [...]}.
+    emb.shapes maps a feature (or, deprecated, a table name) to any of
+    {rows: [...], dims: [...], ranks: [...]}.
     """
-    overrides = cfg.get("shapes") or {}
+    overrides = cfg.shapes or {}
     if not isinstance(overrides, (dict, DictConfig)):
         raise ValueError(f"emb.shapes must map table names to shapes, got {overrides!r}")
     if isinstance(overrides, DictConfig):
         overrides = OmegaConf.to_container(overrides)
-    by_name = {n: t for t in tables for n in (t.name, *t.features)}
-    unknown = [n for n in overrides if n not in by_name]
+    by_table = {n: resolve_table(str(n), tables, f"emb.shapes.{n}") for n in overrides}
+    unknown = [n for n, t in by_table.items() if t is None]
     if unknown:
         raise ValueError(
             f"emb.shapes names {unknown}, which are not TT-compressed tables "
-            f"(compressed: {[t.name for t in tables]}; see emb.min_rows / emb.tables)"
+            f"(compressed: {[t.features[0] for t in tables]}; see emb.min_rows / emb.tables)"
         )
-    ranks = cfg.get("ranks")
+    ranks = cfg.ranks
     shapes = {}
     for t in tables:
-        entry = next((overrides[n] for n in (t.name, *t.features) if n in overrides), {}) or {}
+        entry = next((overrides[n] for n, owner in by_table.items() if owner is t), {}) or {}
         bad = set(entry) - SHAPE_KEYS
         if bad:
             raise ValueError(
@@ -59,8 +71,8 @@ def table_shapes(tables: list[TableSpec], cfg: DictConfig) -> dict[str, TTShape]
         shapes[t.name] = tt_shape(
             t.rows,
             t.dim,
-            cores=int(cfg.get("cores", 3)),
-            rank=int(cfg.get("rank", 32)),
+            cores=int(cfg.cores),
+            rank=int(cfg.rank),
             ranks=entry.get("ranks", ranks),
             row_factors=entry.get("rows"),
             dim_factors=entry.get("dims"),
@@ -73,14 +85,19 @@ class TTEmbeddings(EmbeddingBackend):
     """TT-compressed tables: lookups through tt_kernels, cores stepped by `optimizers()`."""
 
     name = "tt"
+    options = {**POLICY_OPTIONS, **TT_OPTIONS}
 
     def __init__(
-        self, tables: list[TableSpec], cfg: DictConfig, optim: DictConfig, device: torch.device
+        self,
+        tables: list[TableSpec],
+        cfg: DictConfig,
+        optim: DictConfig,
+        device: torch.device,
+        runtime: Runtime | None = None,
     ) -> None:
         super().__init__(tables)
-        self.pooling = cfg.get("pooling", "sum")
-        if self.pooling not in ("sum", "mean"):
-            raise ValueError(f"emb.pooling={self.pooling!r}: choose one of ['mean', 'sum']")
+        cfg = self.settings(cfg)
+        self.pooling = cfg.pooling
         self.shapes = table_shapes(self.tables, cfg)
         # One ParameterList per table, so state_dict keys read cores.t_C3.0, cores.t_C3.1, ...
         self.cores = nn.ModuleDict(
@@ -91,17 +108,13 @@ class TTEmbeddings(EmbeddingBackend):
                 for t in self.tables
             }
         )
-        self.optimizer_name = cfg.get("optimizer", "adagrad")
-        if self.optimizer_name not in OPTIMIZERS:
-            raise ValueError(
-                f"emb.optimizer={self.optimizer_name!r}: choose one of {list(OPTIMIZERS)}"
-            )
-        lr = float(cfg.get("lr", optim.get("lr", 0.01)))
+        self.optimizer_name = cfg.optimizer
+        lr = float(cfg.lr)
         params = list(self.cores.parameters())
         # fused: one pass per tensor; for the 7 Kaggle tables at rank 32 (2.3M entries) the fused
         # Adagrad step measured 1.2 ms vs 3.9 ms for the default loop on one CPU thread.
         if self.optimizer_name == "adagrad":
-            eps = float(cfg.get("eps", optim.get("eps", 1e-8)))
+            eps = float(cfg.eps)
             self._optimizer = torch.optim.Adagrad(params, lr=lr, eps=eps, fused=True)
         else:
             self._optimizer = torch.optim.SGD(params, lr=lr, fused=True)
@@ -114,36 +127,34 @@ class TTEmbeddings(EmbeddingBackend):
                     f"TT tables expect features {self.features}, got {features.keys()}"
                 )
             self._checked_keys = True
-        values, offsets = features.values(), features.offsets()
         # Cores stay fp32 even if a caller wraps us in autocast (bmm would otherwise drop to bf16).
-        with torch.autocast(values.device.type, enabled=False):
-            return self._lookup(features, values, offsets)
+        with torch.autocast(features.values().device.type, enabled=False):
+            return self._lookup(features)
 
-    def _lookup(
-        self, features: KeyedJaggedTensor, values: torch.Tensor, offsets: torch.Tensor
-    ) -> KeyedTensor:
-        value_start = features.offset_per_key()
+    def _lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         batch = features.stride()
-        blocks, key = [], 0
-        for t in self.tables:
+        blocks = []
+        for t, ids, bag_offsets in per_table(self.tables, features):
             n = len(t.features)
-            ids = values[value_start[key] : value_start[key + n]]
-            bag_offsets = offsets[key * batch : (key + n) * batch + 1] - value_start[key]
             uid, inverse = torch.unique(ids, sorted=True, return_inverse=True)
             # Sorted distinct ids make the range check two comparisons. TT must never see an
             # id >= rows: it would silently read a padded (or, past the padding, wrapped) row.
             if uid.numel() and bool((uid[0] < 0) | (uid[-1] >= t.rows)):
                 check_ids_in_range(features, self.tables)  # raises, naming the feature
                 raise ValueError(f"{t.name}: ids outside [0, {t.rows})")
-            rows = tt_rows(list(self.cores[t.name]), self.shapes[t.name], uid)
+            rows = self.rows(t.name, uid)
             pooled = pool(rows, inverse, bag_offsets, self.pooling)  # [n * batch, dim]
             if n == 1:
                 blocks.append(pooled)
             else:  # features sharing a table: [n, B, D] -> n blocks of [B, D]
                 blocks.extend(pooled.view(n, batch, t.dim).unbind(0))
-            key += n
         values = torch.cat(blocks, 1)
         return KeyedTensor(keys=self.features, length_per_key=self.dims, values=values)
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` ([n] int64, distinct, in range) of table `name` from its cores: [n, dim],
+        differentiable with respect to the cores (call under no_grad to only read them)."""
+        return tt_rows(list(self.cores[name]), self.shapes[name], ids)
 
     def table_bytes(self, table: TableSpec) -> int:
         """Cores of `table` plus the optimizer state kept for them."""
@@ -174,5 +185,3 @@ class TTEmbeddings(EmbeddingBackend):
             for t in self.tables
         )
 
-
-register("tt", TTEmbeddings)

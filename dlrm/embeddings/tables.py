@@ -1,0 +1,108 @@
+"""The fbgemm table toolkit: fused batched tables (TBE), their init, their byte accounting.
+
+fbgemm's `SplitTableBatchedEmbeddingBagsCodegen` (TBE, the kernel under torchrec's fused tables)
+looks up all tables in one call and applies SGD / (row-wise) Adagrad inside backward, touching
+only the rows the batch used. A plain `nn.EmbeddingBag` with a dense optimizer instead writes a
+rows-sized gradient every step (benchmarked in docs/benchmarks.md).
+
+We call TBE directly rather than through torchrec's FusedEmbeddingBagCollection: our KJT is
+already key-major (the layout TBE wants), so this saves a split/concat per feature, and int64
+indices measured faster than the int32 that wrapper converts to (7.6 vs 11.1 ms per step).
+
+Every backend whose rows are plain rows uses this module: full, hashed and qr (in front of an id
+transform), cached (its cache is a TBE).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+    BoundsCheckMode,
+    ComputeDevice,
+    EmbeddingLocation,
+    PoolingMode,
+    SplitTableBatchedEmbeddingBagsCodegen,
+)
+from omegaconf import DictConfig
+
+from dlrm.embeddings.base import POOLINGS, TableSpec
+
+# Optimizers fbgemm runs fused on CPU (Adam is GPU-only there).
+FUSED_OPTIMIZERS = {
+    "sgd": EmbOptimType.EXACT_SGD,
+    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    "adagrad": EmbOptimType.EXACT_ADAGRAD,
+}
+# Optimizer state floats per row of each fused optimizer (None: one per column, = dim).
+STATE_WIDTH = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": None}
+POOLING = dict(zip(POOLINGS, (PoolingMode.SUM, PoolingMode.MEAN)))
+INIT_CHUNK_ROWS = 1 << 20  # rows initialized per call, so a 10M-row init stays interruptible
+
+
+def init_uniform_(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """Fill `weight` ([n, dim]) in place with U(-1/sqrt(rows), 1/sqrt(rows)), chunk by chunk.
+
+    torchrec's default init for EmbeddingBagConfig (raw TBE starts at all zeros). `rows` is the
+    table's row count (a cache holding some of a table's rows still uses the table's bound).
+    """
+    bound = 1.0 / math.sqrt(rows)
+    for start in range(0, weight.shape[0], INIT_CHUNK_ROWS):
+        weight[start : start + INIT_CHUNK_ROWS].uniform_(-bound, bound)
+    return weight
+
+
+def check_fused_optimizer(optim: DictConfig) -> None:
+    """A one-line error naming optim.sparse.name if fbgemm cannot run it fused on CPU."""
+    if optim.name not in FUSED_OPTIMIZERS:
+        raise ValueError(
+            f"optim.sparse.name={optim.name!r}: fused table optimizers are {sorted(FUSED_OPTIMIZERS)}"
+        )
+
+
+def fused_tables(
+    tables: list[TableSpec], optim: DictConfig, pooling: str, device: torch.device
+) -> SplitTableBatchedEmbeddingBagsCodegen:
+    """One fbgemm TBE module for `tables`, weights initialized by `init_uniform_`.
+
+    `optim` is the `optim.sparse` section (name, lr, eps); `pooling` is `sum` or `mean`. Ids go
+    in as key-major int64 values with offsets (`[F * B + 1]`); the output is `[B, sum of dims]`.
+    Raises ValueError for an optimizer or pooling fbgemm does not offer.
+    """
+    check_fused_optimizer(optim)
+    if pooling not in POOLING:
+        raise ValueError(f"emb.pooling={pooling!r}: choose one of {sorted(POOLING)}")
+    on_cuda = device.type == "cuda"
+    location = EmbeddingLocation.DEVICE if on_cuda else EmbeddingLocation.HOST
+    compute = ComputeDevice.CUDA if on_cuda else ComputeDevice.CPU
+    feature_table_map = [i for i, t in enumerate(tables) for _ in t.features]
+    # eps only where the config gives one (SGD has none); fbgemm's own default otherwise.
+    eps = {"eps": optim.eps} if "eps" in optim else {}
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[(t.rows, t.dim, location, compute) for t in tables],
+        feature_table_map=feature_table_map,
+        optimizer=FUSED_OPTIMIZERS[optim.name],
+        learning_rate=optim.lr,
+        pooling_mode=POOLING[pooling],
+        # Range checks happen in check_ids_in_range, which names the feature.
+        bounds_check_mode=BoundsCheckMode.NONE,
+        device=device,
+        **eps,
+    )
+    with torch.no_grad():
+        for t, w in zip(tables, tbe.split_embedding_weights()):
+            init_uniform_(w, t.rows)
+    return tbe
+
+
+def tbe_bytes(tbe: SplitTableBatchedEmbeddingBagsCodegen) -> int:
+    """Bytes of weights plus optimizer state held by a TBE module, from the tensors themselves."""
+    weights = sum(w.numel() * w.element_size() for w in tbe.split_embedding_weights())
+    states = sum(
+        s.numel() * s.element_size()
+        for per_table in tbe.split_optimizer_states()
+        for s in per_table
+    )
+    return weights + states

@@ -1,0 +1,69 @@
+"""`python -m dlrm.report DIR --grid`: methods x budgets on a tiny 2 x 2 sweep, unreachable cells named."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from dlrm import report
+
+from test_report import make_run
+
+
+def _budget_run(root, job, backend, budget, seed, auc, step_ms):
+    emb = {"name": backend, "dim": 16, "budget": budget}
+    run = make_run(root, job, backend=backend, seed=seed, auc=auc, knobs={"emb": emb})
+    res = json.loads((run / "results.json").read_text())
+    res.update(step_time_ms=step_ms, budget=budget,
+               embedding_bytes=int(64 * 2**20 / (budget or 1)), compression_ratio=float(budget or 1))
+    (run / "results.json").write_text(json.dumps(res))
+    return run
+
+
+@pytest.fixture
+def grid_sweep(tmp_path):
+    """full (no budget) + hashed and hybrid at 10x and 100x, 2 seeds each; qr at 1000x unreachable."""
+    job = 0
+    cells = [("full", None, 0.770, 10.0), ("hashed", 10, 0.765, 11.0), ("hashed", 100, 0.750, 11.0),
+             ("hybrid", 10, 0.7695, 12.0), ("hybrid", 100, 0.768, 12.0)]
+    for backend, budget, auc, ms in cells:
+        for seed, jitter in ((1, 0.0), (2, 0.0006)):
+            _budget_run(tmp_path, job, backend, budget, seed, auc + jitter, ms)
+            job += 1
+    run = make_run(tmp_path, job, backend="qr", knobs={"emb": {"name": "qr", "dim": 16, "budget": 1000}})
+    (run / "results.json").write_text(json.dumps({
+        "backend": "qr", "budget": 1000, "unreachable": True,
+        "reason": "emb.budget=1000: qr reaches at most 412x on these tables"}))
+    return tmp_path
+
+
+def test_grid_cells_and_markdown(grid_sweep, capsys):
+    assert report.main([str(grid_sweep), "--grid"]) == 0
+    cells = pd.read_csv(grid_sweep / "grid.csv").fillna("")
+    cell = cells.set_index(["method", "budget"])
+    assert set(cell.index) == {("hashed", 10.0), ("hashed", 100.0), ("hybrid", 10.0), ("hybrid", 100.0), ("qr", 1000.0)}
+    assert cell.at[("hashed", 100.0), "auc_diff_vs_full"] == pytest.approx(-0.020)
+    assert not cell.at[("hashed", 100.0), "within_noise"]
+    assert cell.at[("hybrid", 10.0), "auc_diff_vs_full"] == pytest.approx(-0.0005)
+    assert cell.at[("hybrid", 10.0), "step_ratio"] == pytest.approx(1.2)
+    assert "412x" in cell.at[("qr", 1000.0), "unreachable"]
+    text = (grid_sweep / "grid.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert header == "| method | 10x | 100x | 1000x |"
+    hashed = next(line for line in text.splitlines() if line.startswith("| hashed"))
+    assert "-0.0200 ± 0.0004 ✗" in hashed and "1.10x step" in hashed and hashed.endswith("|  |")
+    assert "unreachable: emb.budget=1000: qr reaches at most 412x" in text
+    out = capsys.readouterr().out
+    assert out.startswith("# Equal-memory grid")
+    # an unreachable cell is not a failed run
+    assert "Failed or unfinished" not in (grid_sweep / "report.md").read_text()
+    runs = pd.read_csv(grid_sweep / "runs.csv")
+    assert (runs["status"] == "unreachable").sum() == 1
+
+
+def test_grid_without_budgets_says_so(tmp_path):
+    make_run(tmp_path, 0, backend="full", auc=0.77)
+    assert report.main([str(tmp_path), "--grid"]) == 0
+    assert "No runs with emb.budget" in (tmp_path / "grid.md").read_text()
