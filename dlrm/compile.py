@@ -37,12 +37,23 @@ MARKER_DIR = "dlrm-compiled"  # in cache_dir(): one empty file per dense graph c
 
 
 def cache_dir() -> Path:
-    """Where inductor keeps compiled artifacts: `$TORCHINDUCTOR_CACHE_DIR` if set, else the user's
-    cache (`$XDG_CACHE_HOME` or ~/.cache) / dlrm / inductor."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    """Where inductor keeps compiled artifacts: `$TORCHINDUCTOR_CACHE_DIR` if the user set it, else
+    the user's cache (`$XDG_CACHE_HOME` or ~/.cache) / dlrm / inductor. Inductor writes its own
+    default (/tmp/torchinductor_<user>) into that variable the first time it looks, which can
+    happen while torchrec is imported, so that value does not count as the user's."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env and os.path.abspath(env) != _inductor_default():
+        return Path(env)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "dlrm" / "inductor"
+
+
+def _inductor_default() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # a torch without it: any value in the variable is the user's
+        return None
+    return os.path.abspath(default_cache_dir())
 
 
 def should_compile(value, steps_to_go: int, device: torch.device, fingerprint: str = "") -> bool:
@@ -105,7 +116,7 @@ def enable(model) -> bool:
     if not hasattr(model, "dense_forward"):
         log.warning("trainer.compile: %s has no dense_forward to compile; running eager", type(model).__name__)
         return False
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())  # inductor reads it at each use
     model.compiled_dense_forward = torch.compile(model.dense_forward, dynamic=False)
     return True
 

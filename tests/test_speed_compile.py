@@ -46,6 +46,11 @@ def test_cache_dir_under_the_users_cache(monkeypatch, tmp_path):
     assert compile_step.cache_dir() == tmp_path / "dlrm" / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "x"))
     assert compile_step.cache_dir() == tmp_path / "x"
+    # inductor's own default, written there by inductor itself, is not the user's choice
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert compile_step.cache_dir() == tmp_path / "dlrm" / "inductor"
 
 
 def test_failed_compile_falls_back_to_eager_with_one_warning(compose_cfg, tiny_dataset, tmp_path, monkeypatch, caplog):
