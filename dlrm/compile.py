@@ -1,6 +1,7 @@
 """`trainer.compile`: torch.compile (inductor) of the dense part of the step, where it pays.
 
-What is compiled is `DLRM.dense_forward` (bottom MLP, dot interaction, top MLP, under autocast)
+What is compiled is the model's `dense_forward` (DLRM: bottom MLP, dot interaction, top MLP; DLRM-DCNv2:
+bottom MLP, cross network, top MLP; under autocast)
 and, through AOTAutograd, its backward; the embedding backend stays eager (fbgemm kernels and
 fused updates). Evaluation runs eager, so no second (inference) graph is compiled.
 

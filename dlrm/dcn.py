@@ -75,15 +75,16 @@ class DLRMDCN(nn.Module):
         width = bottom_mlp[-1] + sum(embeddings.dims)  # D0 + sum over features of D_f
         self.crossnet = LowRankCrossNet(in_features=width, num_layers=cross_layers, low_rank=low_rank)
         self.over_arch = OverArch(width, list(top_mlp))
+        self.compiled_dense_forward = None  # set by dlrm.compile.enable (trainer.compile)
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Parameters for the dense optimizer: everything but the embedding backend's."""
         sparse = {id(p) for p in self.sparse_arch.parameters()}
         return [p for p in self.parameters() if id(p) not in sparse]
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """dense `[B, dense_in]`, ids as a KJT -> click logits `[B]` (fp32)."""
-        pooled = self.sparse_arch(sparse).values()  # [B, sum(D_f)], fp32
+    def dense_forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Everything after the embedding lookup: `dense [B, 13], pooled [B, sum(D_f)] -> logits
+        [B]` (fp32). What `trainer.compile` compiles (dlrm/compile.py), as for `DLRM`."""
         with torch.autocast(
             device_type=dense.device.type,
             dtype=self.amp_dtype or torch.float32,
@@ -91,3 +92,11 @@ class DLRMDCN(nn.Module):
         ):
             x = torch.cat([self.dense_arch(dense), pooled], dim=1)  # autocast's cat promotes to fp32
             return self.over_arch(self.crossnet(x)).squeeze(1).float()
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """dense `[B, dense_in]`, ids as a KJT -> click logits `[B]` (fp32)."""
+        pooled = self.sparse_arch(sparse).values()  # [B, sum(D_f)], fp32
+        compiled = self.compiled_dense_forward
+        if compiled is not None and self.training:  # training only, as DLRM
+            return compiled(dense, pooled)
+        return self.dense_forward(dense, pooled)

@@ -88,3 +88,17 @@ def test_mlperf_shapes_compose():
     assert cfg.model.name == "dcnv2" and list(cfg.model.top_mlp) == [1024, 1024, 512, 256, 1]
     assert cfg.emb.dim == 128 and cfg.model.bottom_mlp[-1] == 128 and cfg.model.low_rank == 512
     assert cfg.data.multi_hot["C21"] == 100 and cfg.data.max_rows == 40_000_000
+
+
+def test_dcnv2_compiles_its_dense_step_like_dlrm(monkeypatch, tmp_path):
+    # trainer.compile compiles dense_forward; the compiled training step equals the eager one
+    from dlrm import compile as compile_step
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    emb = build_embeddings(TABLES, FULL, SGD, torch.device("cpu"))
+    model = DLRMDCN(emb, dense_in=13, bottom_mlp=[8, 4], top_mlp=[8, 1], cross_layers=1, low_rank=2)
+    dense, ids = torch.rand(5, 13), kjt([1, 2, 3, 4, 49], [0, 6, 6, 1, 2])
+    eager = model(dense, ids)
+    assert compile_step.enable(model)
+    torch.testing.assert_close(model(dense, ids), eager)
