@@ -22,15 +22,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dlrm import checkpoint
+from dlrm import checkpoint, distributed
 from dlrm.build import build_model
 from dlrm.config import ConfigError, flatten, validate
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
+from dlrm.distributed import run as dist_run
 from dlrm.embeddings import Runtime
 from dlrm.model import resolve_precision
-from dlrm.telemetry import Telemetry
 from dlrm.trainer import Trainer
 
 log = logging.getLogger("dlrm")
@@ -81,6 +81,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     t_start = time.time()
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
+    # torchrun: join the process group; this rank's device; rank 0's out_dir (docs/distributed.md)
+    env, device, out_dir = dist_run.prepare(cfg, device, out_dir)
     threads = set_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -97,15 +99,21 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         max_rows=cfg.data.get("max_rows", 0),
         pin_memory=device.type == "cuda",
         workers=cfg.data.get("workers", 0),
+        rank=env.rank,
+        world_size=env.world_size,
     )
     train_data = ParquetLoader(
         path, cfg.data.train_split, seed=cfg.seed, shuffle=cfg.data.shuffle, **loader_args
     )
-    eval_data = ParquetLoader(path, cfg.data.eval_split, shuffle=False, **loader_args)
+    eval_data = ParquetLoader(path, cfg.data.eval_split, shuffle=False, pad=True, **loader_args)
     cardinalities = {f: train_data.cardinalities[f] for f in SPARSE}
     model = build_model(cfg, cardinalities, device, train_data.dense_width, runtime)
+    if env.distributed:
+        from dlrm.distributed.model import wrap  # torchrec's DMP: only under torchrun
+
+        model = wrap(model, cfg, device)
     embeddings, precision = model.sparse_arch, resolve_precision(cfg.trainer.precision, device)
-    tele = Telemetry(out_dir)
+    tele = dist_run.telemetry(out_dir)  # rank 0 writes, other ranks only measure
     tele.text("config", OmegaConf.to_yaml(cfg))
     tele.text("embeddings", embeddings.describe())
     log.info("embeddings:\n%s", embeddings.describe())
@@ -141,6 +149,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             results[key] = train_data.meta.extra[key]
     if device.type == "cuda":
         results["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    results = dist_run.add_results(results, cfg, device)  # world_size, global_batch_size, ...
     tele.hparams(_hparams(cfg), {k: results[k] for k in ("auc", "logloss", "ne", "compression_ratio")})
     tele.write_results(results)
     tele.close()
@@ -190,7 +199,9 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)  # one clear line for bad input
         sys.exit(2)
-    print(summary(results, out_dir))
+    if distributed.is_main():
+        print(summary(results, out_dir))
+    distributed.shutdown()
     return sweep_metric(results, cfg.trainer.metric)
 
 
@@ -202,4 +213,5 @@ def sweep_metric(results: dict, metric) -> float | tuple[float, ...]:
 
 
 if __name__ == "__main__":
+    distributed.patch_argv()  # under torchrun: ranks other than 0 write no Hydra files or logs
     main()
