@@ -304,7 +304,26 @@ class ParquetLoader:
         buffer: per-batch transfers measured slower than one thread); the DataLoader takes them
         round-robin, so the order is still fixed by the seed. Each worker ends with its own short
         batch.
+
+        Sharded (`world_size` > 1): this rank reads only its share of row groups (every
+        world_size-th of the epoch's order), and every rank yields the same number of batches, so
+        that collectives line up: the fewest any rank has (a few rows of the others are left out
+        of the epoch), or with `pad` (evaluation) the most, topped up with empty batches so that
+        every row is seen exactly once over all ranks.
         """
+        if self.world_size == 1:
+            yield from self._epoch(epoch)
+            return
+        target = self._rank_batches(epoch)[1]
+        n = 0
+        # pad: never cut (`target` covers every batch this rank can make)
+        for batch in self._epoch(epoch) if self.pad else itertools.islice(self._epoch(epoch), target):
+            n += 1
+            yield batch
+        for _ in range(target - n):
+            yield empty_batch()
+
+    def _epoch(self, epoch: int) -> Iterator[Batch]:
         if self.workers > 0:
             chunks = torch.utils.data.DataLoader(
                 _EpochShards(self, epoch),

@@ -101,8 +101,11 @@ class ShardedTables(EmbeddingBackend):
         self.parts = nn.ModuleList(_parts(backend))
         self.split_sizes = [len(p.features) for p in self.parts]
         self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("meta")) if configs else None
+        self.optim_class, self.optim_kwargs = IN_BACKWARD[optim.name], _optim_kwargs(optim)
         if self.ebc is not None:
-            apply_optimizer_in_backward(IN_BACKWARD[optim.name], self.ebc.parameters(), _optim_kwargs(optim))
+            # a copy: torchrec rewrites the dict it is given into fbgemm's names (lr -> learning_rate)
+            apply_optimizer_in_backward(self.optim_class, self.ebc.parameters(), dict(self.optim_kwargs))
+        self.replicated_optimizer: torch.optim.Optimizer | None = None
         self._bytes = sum(_config_bytes(c, optim.name) for c in configs)
         self.table_features = {c.name: list(c.feature_names) for c in configs}
         self.group_permute: list[int] | None = None
@@ -115,6 +118,13 @@ class ShardedTables(EmbeddingBackend):
         """Record the plan: `sharding_types` {table name: ShardingType value}; the gradient of a
         table's outputs is scaled by 1/world_size unless it is data-parallel (see module doc)."""
         self.plan_text = plan_text
+        # Data-parallel tables use torchrec's dense kernel, which fuses no optimizer: their
+        # gradients (averaged by DDP) are stepped here, like the TT cores, by the same rule.
+        replicated = [
+            p for p in self.ebc.parameters() if p.requires_grad and not hasattr(p, "_in_backward_optimizers")
+        ]
+        if replicated:
+            self.replicated_optimizer = self.optim_class(replicated, **self.optim_kwargs)
         for name, features in self.table_features.items():
             scale = 1.0 if sharding_types[name] == "data_parallel" else 1.0 / world_size
             for f in features:
@@ -204,7 +214,9 @@ class ShardedTables(EmbeddingBackend):
         return merged
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [o for p, k in zip(self.parts, self.kinds) if k == "tt" for o in p.optimizers()]
+        """The TT cores' optimizers, and the one of data-parallel tables (if any)."""
+        tt = [o for p, k in zip(self.parts, self.kinds) if k == "tt" for o in p.optimizers()]
+        return tt + ([self.replicated_optimizer] if self.replicated_optimizer is not None else [])
 
     def describe(self) -> str:
         lines = []
