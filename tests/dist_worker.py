@@ -35,6 +35,7 @@ BACKENDS = {
     "full_dp": ["emb=full", "emb.sharding=data_parallel"],
     "full_cw": ["emb=full", "emb.sharding=column_wise"],
     "full_tw": ["emb=full", "emb.sharding=table_wise"],
+    "full_sgd": ["emb=full", "emb.sharding=table_wise", "optim.sparse.name=sgd", "~optim.sparse.eps"],
 }
 
 
