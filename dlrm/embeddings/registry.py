@@ -17,6 +17,7 @@ from dlrm.embeddings.hashed import HashedEmbeddings
 from dlrm.embeddings.policy import SplitEmbeddings, compressed_tables
 from dlrm.embeddings.qr import QREmbeddings
 from dlrm.embeddings.tt import TTEmbeddings
+from dlrm.options import Opt
 
 BACKENDS: dict[str, type[EmbeddingBackend]] = {
     "full": FullEmbeddings,
@@ -25,6 +26,14 @@ BACKENDS: dict[str, type[EmbeddingBackend]] = {
     "tt": TTEmbeddings,
     "cached": CachedEmbeddings,
 }
+
+
+def check_emb_config(cfg: DictConfig) -> None:
+    """Check a composed `emb` section before any work: `emb.name` is a known backend and every key
+    is one that backend declares (its `options`), with a value of the right type, range or choice.
+    Raises ConfigError naming `emb.<key>`; `dlrm.config.validate` calls it."""
+    Opt(str, choices=tuple(BACKENDS)).check("emb.name", cfg.name)
+    BACKENDS[cfg.name].check_config(cfg)
 
 
 def build_embeddings(
@@ -41,11 +50,7 @@ def build_embeddings(
         raise ValueError(f"emb.name={cfg.name!r}: known backends are {sorted(BACKENDS)}")
     backend = BACKENDS[cfg.name]
     runtime = runtime or Runtime()
-    if cfg.name == "full":
-        chosen = tables
-    else:
-        settings = backend.settings(cfg)
-        chosen = compressed_tables(tables, settings.get("tables"), settings.get("min_rows", 0))
+    chosen = tables if backend is FullEmbeddings else compressed_tables(tables, backend.settings(cfg))
     rest = [t for t in tables if t not in chosen]
     parts = []
     if chosen:

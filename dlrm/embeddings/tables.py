@@ -28,7 +28,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 )
 from omegaconf import DictConfig
 
-from dlrm.embeddings.base import TableSpec
+from dlrm.embeddings.base import POOLINGS, TableSpec
 
 # Optimizers fbgemm runs fused on CPU (Adam is GPU-only there).
 FUSED_OPTIMIZERS = {
@@ -38,7 +38,7 @@ FUSED_OPTIMIZERS = {
 }
 # Optimizer state floats per row of each fused optimizer (None: one per column, = dim).
 STATE_WIDTH = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": None}
-POOLING = {"sum": PoolingMode.SUM, "mean": PoolingMode.MEAN}
+POOLING = dict(zip(POOLINGS, (PoolingMode.SUM, PoolingMode.MEAN)))
 INIT_CHUNK_ROWS = 1 << 20  # rows initialized per call, so a 10M-row init stays interruptible
 
 
