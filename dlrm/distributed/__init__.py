@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import sys
@@ -144,8 +145,16 @@ def hydra_overrides_for_rank(argv: list[str]) -> list[str]:
     if env.rank == 0:
         return argv
     scratch = tempfile.mkdtemp(prefix=f"dlrm-rank{env.rank}-")
+    atexit.register(_remove_if_empty, scratch)  # Hydra makes the dir; nothing is written into it
     return [*argv, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
             f"hydra.run.dir={scratch}"]
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def patch_argv() -> None:
