@@ -122,7 +122,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         device, threads, precision, path,
     )
 
-    trainer = Trainer(cfg, model, train_data, eval_data, tele, device, out_dir / checkpoint.CHECKPOINT_DIR)
+    trainer_cls = Trainer
+    if env.distributed:  # checkpoints through torch.distributed.checkpoint
+        from dlrm.distributed.checkpoint import DistributedTrainer as trainer_cls
+    trainer = trainer_cls(cfg, model, train_data, eval_data, tele, device, out_dir / checkpoint.CHECKPOINT_DIR)
     if resume:
         trainer.resume(resume)
     metrics = trainer.fit()

@@ -138,3 +138,27 @@ def test_more_processes_than_row_groups_is_one_clear_error(tiny_dataset):
     n = len(ParquetLoader(tiny_dataset, "eval", batch_size=100).row_groups)
     with pytest.raises(ValueError, match=f"has {n} row groups, fewer than the {n + 1} processes"):
         ParquetLoader(tiny_dataset, "eval", batch_size=100, rank=0, world_size=n + 1)
+
+
+def test_sharded_checkpoint_resumes_exactly_and_only_at_its_world_size(tiny_dataset, data_root, tmp_path):
+    base = [*tiny_overrides(data_root), "trainer.checkpoint_every=3"]
+
+    def torchrun(*args):
+        proc = _run([*TORCHRUN, "-m", "dlrm.train", *base, *args])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    torchrun("trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'first'}")
+    assert {p.name for p in (tmp_path / "first" / "checkpoints").iterdir()} == {
+        "step-3.pt", "step-3.dcp", "step-6.pt", "step-6.dcp"
+    }
+    torchrun("trainer.max_steps=9", f"trainer.resume={tmp_path / 'first'}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    torchrun("trainer.max_steps=9", f"hydra.run.dir={tmp_path / 'straight'}")
+    resumed, straight = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("resumed", "straight"))
+    assert resumed["auc"] == straight["auc"] and resumed["logloss"] == straight["logloss"]
+    assert resumed["samples"] == straight["samples"] == 9 * 2 * 256
+
+    # One process cannot take a 2-process checkpoint: one line, before any training.
+    proc = _run([sys.executable, "-m", "dlrm.train", *base, "trainer.max_steps=9",
+                 f"trainer.resume={tmp_path / 'first'}", f"hydra.run.dir={tmp_path / 'single'}"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: trainer.resume=") and "torchrun" in proc.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
-from dlrm import distributed
+from dlrm import checkpoint, distributed
 from dlrm.config import ConfigError
 from dlrm.telemetry import Telemetry, rss_bytes
 
@@ -50,16 +50,17 @@ def prepare(cfg: DictConfig, device: torch.device, out_dir: Path) -> tuple[distr
     output dir: rank 0's). Raises ConfigError for what cannot run distributed."""
     env = distributed.init(device.type)
     if not env.distributed:
+        resume = cfg.trainer.get("resume")
+        if resume and any((checkpoint.run_dir_of(resume) / checkpoint.CHECKPOINT_DIR).glob("step-*.dcp")):
+            raise ConfigError(
+                f"trainer.resume={resume}: written by a torchrun run (sharded checkpoints); resume it "
+                "under torchrun with the same number of processes"
+            )
         return env, device, out_dir
     if cfg.emb.name == "cached":
         raise ConfigError(
             "emb=cached is single-process: its cache and host/disk store live in one process "
             "(run without torchrun, or use emb=full/hashed/qr/tt)"
-        )
-    if cfg.trainer.get("resume") or cfg.trainer.get("checkpoint_every", 0):
-        raise ConfigError(
-            "trainer.checkpoint_every / trainer.resume: not yet supported under torchrun "
-            "(sharded checkpoints are in progress; see docs/distributed.md)"
         )
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
