@@ -162,3 +162,25 @@ def test_sharded_checkpoint_resumes_exactly_and_only_at_its_world_size(tiny_data
                  f"trainer.resume={tmp_path / 'first'}", f"hydra.run.dir={tmp_path / 'single'}"])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: trainer.resume=") and "torchrun" in proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_train_together(tiny_dataset, data_root, tmp_path):
+    """Two torchrun invocations ("nodes") meeting at a c10d rendezvous on localhost."""
+    out = tmp_path / "run"
+    rdzv = [f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_backend=c10d", "--rdzv_id=two-nodes"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *rdzv,
+           "-m", "dlrm.train", *tiny_overrides(data_root), "trainer.max_steps=4", f"hydra.run.dir={out}"]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["samples"] == 4 * 2 * 256
