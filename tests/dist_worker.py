@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from hydra import compose, initialize_config_dir
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from dlrm import distributed
 from dlrm.build import build_model
@@ -77,8 +77,6 @@ def run(name: str, data: Path, env) -> dict:
         if env.distributed:  # this rank's half of the global batch, ids as a KJT of B rows
             lo, hi = env.rank * B, (env.rank + 1) * B
             sparse = batch.sparse.to_dict()
-            from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
             kjt = KeyedJaggedTensor.from_jt_dict({k: _rows(sparse[k], lo, hi) for k in SPARSE})
             dense, labels = batch.dense[lo:hi], batch.labels[lo:hi]
         else:
@@ -103,8 +101,6 @@ def run(name: str, data: Path, env) -> dict:
 
 def _rows(jt, lo: int, hi: int):
     """Rows lo..hi of a JaggedTensor (a KJT feature)."""
-    from torchrec.sparse.jagged_tensor import JaggedTensor
-
     lengths, offsets = jt.lengths(), jt.offsets()
     return JaggedTensor(values=jt.values()[offsets[lo] : offsets[hi]], lengths=lengths[lo:hi])
 

@@ -50,9 +50,9 @@ class Env:
 def from_environ() -> Env:
     """The Env torchrun (or srun + torchrun) describes in the environment; rank 0 of 1 without it."""
     return Env(
-        rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
 
 
@@ -115,20 +115,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if active():
         dist.all_reduce(t)
     return t
-
-
-def raise_together(error: BaseException | None) -> None:
-    """Make a failure on any rank fail every rank with the same one line, instead of leaving the
-    others waiting in the next collective until the timeout.
-
-    Every rank calls this at the same point with its own error (or None); if any rank has one,
-    all raise a ValueError with the lowest failing rank's message."""
-    errors = gather_object(None if error is None else str(error))
-    for r, message in enumerate(errors):
-        if message is not None:
-            if error is not None and r == rank():
-                raise error
-            raise ValueError(message if r == 0 else f"rank {r}: {message}")
 
 
 def hydra_overrides_for_rank(argv: list[str]) -> list[str]:

@@ -14,13 +14,18 @@ waiting for a rank that raised. DMP then shards the collection and wraps the res
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import (
+    EmbeddingShardingPlanner,
+    ParameterConstraints,
+    Topology,
+)
 from torchrec.distributed.types import ShardingPlan
 
 from dlrm import distributed
@@ -78,23 +83,26 @@ class DistributedDLRM(nn.Module):
     def dense_parameters(self) -> list[nn.Parameter]:
         return self.inner.dense_parameters()
 
-    def to(self, *args, **kwargs) -> "DistributedDLRM":
+    def to(self, *args, **kwargs) -> DistributedDLRM:
         return self  # DMP placed every shard and replica at construction
 
     def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
         return self.dmp(dense, sparse)
 
 
-def plan(model: nn.Module, sharders: list, device: torch.device, types: list[str] | None, batch_size: int) -> ShardingPlan:
-    """torchrec's plan for `model`'s collection, made on rank 0 and broadcast; a planning error
-    (e.g. a table larger than a rank's memory) is raised on every rank as one line."""
+def plan(
+    model: nn.Module, sharders: list, device: torch.device, types: list[str] | None, batch_size: int
+) -> ShardingPlan:
+    """torchrec's plan for `model`'s collection (`types`: the ShardingType values allowed, None:
+    any), made on rank 0 alone and broadcast. A planning error (e.g. a table larger than a rank's
+    memory) is broadcast instead and raised on every rank as one ConfigError line."""
     result = None
     if distributed.is_main():
         try:
             topology = Topology(
                 world_size=distributed.world_size(),
                 compute_device=device.type,
-                local_world_size=int(_local_world_size()),
+                local_world_size=_local_world_size(),
             )
             constraints = None
             if types is not None:
@@ -114,8 +122,7 @@ def plan(model: nn.Module, sharders: list, device: torch.device, types: list[str
 
 
 def _local_world_size() -> int:
-    import os
-
+    """Processes per node, as torchrun sets it (the planner's topology)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
 
 

@@ -32,8 +32,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.optim import SGD as TrecSGD
 from torchrec.optim import Adagrad as TrecAdagrad
-from torchrec.optim import RowWiseAdagrad, SGD as TrecSGD
+from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
