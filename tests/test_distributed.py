@@ -84,6 +84,8 @@ def test_torchrun_cli_run_writes_results_on_rank_zero_only(tiny_dataset, data_ro
     [
         ("emb=cached", "error: emb=cached is single-process"),
         ("emb.sharding=row_wise", "error: emb.sharding=row_wise: not on CPU (gloo has no reduce_scatter)"),
+        # tables of ~2 MB against 0.5 MB per rank: rank 0's planning error reaches both ranks, no hang
+        ("emb.rank_memory_gb=0.0005", "error: sharding plan failed (PlannerError): Unable to find a plan"),
     ],
 )
 def test_what_cannot_run_distributed_fails_with_one_line_on_every_rank(

@@ -91,18 +91,26 @@ class DistributedDLRM(nn.Module):
 
 
 def plan(
-    model: nn.Module, sharders: list, device: torch.device, types: list[str] | None, batch_size: int
+    model: nn.Module,
+    sharders: list,
+    device: torch.device,
+    types: list[str] | None,
+    batch_size: int,
+    memory_bytes: int | None = None,
 ) -> ShardingPlan:
     """torchrec's plan for `model`'s collection (`types`: the ShardingType values allowed, None:
-    any), made on rank 0 alone and broadcast. A planning error (e.g. a table larger than a rank's
+    any; `memory_bytes`: what each rank may hold, host RAM on CPU or GPU memory on CUDA, None:
+    torchrec's default), made on rank 0 alone and broadcast. A planning error (e.g. a table larger than a rank's
     memory) is broadcast instead and raised on every rank as one ConfigError line."""
     result = None
     if distributed.is_main():
         try:
+            cap = {} if memory_bytes is None else {"hbm_cap" if device.type == "cuda" else "ddr_cap": memory_bytes}
             topology = Topology(
                 world_size=distributed.world_size(),
                 compute_device=device.type,
                 local_world_size=_local_world_size(),
+                **cap,
             )
             constraints = None
             if types is not None:
@@ -138,7 +146,14 @@ def wrap(model: DLRM, cfg: DictConfig, device: torch.device) -> DistributedDLRM:
         dmp = DistributedModelParallel(model.to(device), device=device, plan=ShardingPlan({}), sharders=[])
         return DistributedDLRM(dmp)
     sharders = [EmbeddingBagCollectionSharder()]
-    the_plan = plan(model, sharders, device, types, int(cfg.trainer.batch_size))
+    memory_gb = cfg.emb.get("rank_memory_gb")
+    memory = None if memory_gb is None else int(float(memory_gb) * 2**30)
+    try:
+        the_plan = plan(model, sharders, device, types, int(cfg.trainer.batch_size), memory)
+    except ConfigError as e:  # name the keys that shape the plan
+        raise ConfigError(
+            f"{e} (emb.sharding={cfg.emb.get('sharding', 'auto')}, emb.rank_memory_gb={memory_gb})"
+        ) from None
     dmp = DistributedModelParallel(model, device=device, plan=the_plan, sharders=sharders)
     module_plan = the_plan.plan[EBC_PREFIX.rstrip(".")]
     placed = {name: ps.sharding_type for name, ps in module_plan.items()}
