@@ -185,3 +185,38 @@ def test_two_nodes_of_one_process_train_together(tiny_dataset, data_root, tmp_pa
     assert all(n.returncode == 0 for n in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["samples"] == 4 * 2 * 256
+
+
+def test_a_killed_rank_stops_the_run_and_it_resumes_from_the_last_checkpoint(tiny_dataset, data_root, tmp_path):
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    args = [*tiny_overrides(data_root), "trainer.max_steps=100000", "trainer.checkpoint_every=4",
+            "trainer.eval_batches=2", f"hydra.run.dir={out}"]
+    job = subprocess.Popen([*TORCHRUN, "-m", "dlrm.train", *args], cwd=ROOT, env=_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step-8.pt").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(job.pid).children(recursive=True)
+                   if p.environ().get("LOCAL_RANK") == "1"]
+        assert workers
+        workers[0].kill()
+        t0 = time.monotonic()
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0 and time.monotonic() - t0 < 60  # rank 0 did not wait for the timeout
+    assert "local_rank: 1" in err  # torchrun names the rank that died
+    assert not (out / "results.json").exists()
+    steps = sorted(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.pt"))
+    resumed = _run([*TORCHRUN, "-m", "dlrm.train", *tiny_overrides(data_root), f"trainer.max_steps={steps[-1] + 2}",
+                    f"trainer.resume={out}", f"hydra.run.dir={tmp_path / 'resumed'}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert results["steps"] == steps[-1] + 2
