@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import os
 import sys
@@ -119,8 +118,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def hydra_overrides_for_rank(argv: list[str]) -> list[str]:
     """`argv` with Hydra overrides that keep ranks other than 0 from writing: no `.hydra/` config
-    copy, no log file, a throw-away run dir (rank 0's dir is where outputs go: `dlrm.train` takes
-    it from rank 0). Rank 0 and single-process runs get `argv` unchanged.
+    copy, no log file, an empty scratch run dir ($TMPDIR/dlrm-rank<R>); outputs go to rank 0's
+    dir (`dlrm.train` takes it from rank 0). Rank 0 and single-process runs get `argv` unchanged.
 
     A multirun (`-m`) under several processes is refused: each rank would sweep on its own."""
     env = from_environ()
@@ -130,17 +129,11 @@ def hydra_overrides_for_rank(argv: list[str]) -> list[str]:
         raise SystemExit("error: a sweep (-m) cannot run under torchrun; launch one torchrun per job")
     if env.rank == 0:
         return argv
-    scratch = tempfile.mkdtemp(prefix=f"dlrm-rank{env.rank}-")
-    atexit.register(_remove_if_empty, scratch)  # Hydra makes the dir; nothing is written into it
+    # Hydra makes this dir; nothing is written into it. One fixed (empty) dir per rank number,
+    # shared by runs, so a killed run leaves nothing new behind.
+    scratch = os.path.join(tempfile.gettempdir(), f"dlrm-rank{env.rank}")
     return [*argv, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
             f"hydra.run.dir={scratch}"]
-
-
-def _remove_if_empty(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
 
 
 def patch_argv() -> None:
