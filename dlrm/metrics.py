@@ -52,15 +52,21 @@ class EvalMetrics:
         return self.n > 0 and float(self.pos) in (0.0, float(self.n))
 
     def compute(self) -> dict[str, float]:
-        """{"auc", "logloss", "ne"} over every update; auc is NaN when `single_class`.
+        """{"auc", "logloss", "ne"} over every update, of every rank when torch.distributed runs
+        several processes (sums all-reduced; torchmetrics gathers the AUC's predictions itself), so a
+        sharded eval gives the numbers one process gives over the same predictions. auc is NaN when
+        every label (over all ranks) is the same class.
 
         Raises ValueError when no sample was seen (an empty eval split)."""
-        if self.n == 0:
+        totals = torch.stack([self.ce_sum, self.bce_sum, self.pos, torch.tensor(float(self.n), dtype=torch.float64)])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(totals)
+        ce_sum, bce_sum, pos, n = totals.unbind()
+        if n == 0:
             raise ValueError("no eval samples: the eval split is empty")
-        n = torch.tensor(float(self.n), dtype=torch.float64)
-        ne = compute_ne(self.ce_sum, n, self.pos, n - self.pos, ETA)
+        ne = compute_ne(ce_sum, n, pos, n - pos, ETA)
         return {
-            "auc": float("nan") if self.single_class else float(self.auroc.compute()),
-            "logloss": float(self.bce_sum / n),
+            "auc": float("nan") if float(pos) in (0.0, float(n)) else float(self.auroc.compute()),
+            "logloss": float(bce_sum / n),
             "ne": float(ne),
         }

@@ -23,17 +23,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dlrm import checkpoint
+from dlrm import checkpoint, distributed
 from dlrm.build import build_model
 from dlrm.config import ConfigError, flatten, validate
 from dlrm.data.checks import check_id_ranges
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
+from dlrm.distributed import run as dist_run
 from dlrm.embeddings import Runtime
 from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.model import resolve_precision
-from dlrm.telemetry import Telemetry, route_library_logs
+from dlrm.telemetry import route_library_logs
 from dlrm.trainer import Interrupted, Trainer
 
 log = logging.getLogger("dlrm")
@@ -103,6 +104,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     t_start = time.time()
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
+    # torchrun: join the process group; this rank's device; rank 0's out_dir (docs/distributed.md)
+    env, device, out_dir = dist_run.prepare(cfg, device, out_dir)
     threads = set_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -119,19 +122,25 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         max_rows=cfg.data.get("max_rows", 0),
         pin_memory=device.type == "cuda",
         workers=cfg.data.get("workers", 0),
+        rank=env.rank,
+        world_size=env.world_size,
     )
     train_data = ParquetLoader(
         path, cfg.data.train_split, seed=cfg.seed, shuffle=cfg.data.shuffle, **loader_args
     )
-    eval_data = ParquetLoader(path, cfg.data.eval_split, shuffle=False, **loader_args)
+    eval_data = ParquetLoader(path, cfg.data.eval_split, shuffle=False, pad=True, **loader_args)
     # An id outside its table would surface only at the final eval, after the whole run.
     unfolded = {f: n for f, n in eval_data.meta.cardinalities.items() if f not in eval_data.max_rows}
     check_id_ranges(eval_data.files, unfolded, cfg.data.eval_split)
     cardinalities = {f: train_data.cardinalities[f] for f in SPARSE}
     model = build_model(cfg, cardinalities, device, train_data.dense_width, runtime)
+    if env.distributed:
+        from dlrm.distributed.model import wrap  # torchrec's DMP: only under torchrun
+
+        model = wrap(model, cfg, device)
     embeddings, precision = model.sparse_arch, resolve_precision(cfg.trainer.precision, device)
     n_compressed = compressed_tables(embeddings, cfg.emb)
-    tele = Telemetry(out_dir)
+    tele = dist_run.telemetry(out_dir)  # rank 0 writes, other ranks only measure
     tele.text("config", OmegaConf.to_yaml(cfg))
     tele.text("embeddings", embeddings.describe())
     log.info("embeddings:\n%s", embeddings.describe())
@@ -140,7 +149,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         device, threads, precision, path,
     )
 
-    trainer = Trainer(cfg, model, train_data, eval_data, tele, device, out_dir / checkpoint.CHECKPOINT_DIR)
+    trainer_cls = Trainer
+    if env.distributed:  # checkpoints through torch.distributed.checkpoint
+        from dlrm.distributed.checkpoint import DistributedTrainer as trainer_cls
+    trainer = trainer_cls(cfg, model, train_data, eval_data, tele, device, out_dir / checkpoint.CHECKPOINT_DIR)
     if resume:
         trainer.resume(resume)
     metrics = trainer.fit()
@@ -169,6 +181,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             results[key] = train_data.meta.extra[key]
     if device.type == "cuda":
         results["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    results = dist_run.add_results(results, cfg, device)  # world_size, global_batch_size, ...
     tele.hparams(_hparams(cfg), {k: results[k] for k in ("auc", "logloss", "ne", "compression_ratio")})
     tele.write_results(results)
     tele.close()
@@ -263,7 +276,9 @@ def _hydra_main(cfg: DictConfig) -> float:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)  # one clear line for bad input
         sys.exit(2)
-    print(summary(results, out_dir))
+    if distributed.is_main():
+        print(summary(results, out_dir))
+    distributed.shutdown()
     return value
 
 
@@ -314,4 +329,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    distributed.patch_argv()  # under torchrun: ranks other than 0 write no Hydra files or logs
     main()

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import itertools
 import queue
 import threading
 from dataclasses import dataclass
@@ -161,6 +162,14 @@ class _EpochShards(torch.utils.data.IterableDataset):
         return self.loader._chunks(self.epoch, shard, shards)
 
 
+def empty_batch() -> Batch:
+    """A batch of 0 rows: what a rank with no rows left evaluates while the others finish."""
+    kjt = KeyedJaggedTensor(
+        keys=SPARSE, values=torch.empty(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int64), stride=0
+    )
+    return Batch(torch.empty(0, len(DENSE)), kjt, torch.empty(0))
+
+
 @functools.lru_cache(maxsize=4)
 def _single_hot_offsets(n: int) -> torch.Tensor:
     """0..n, shared by every full single-hot batch (read-only; built once per size)."""
@@ -200,6 +209,9 @@ class ParquetLoader:
         prefetch: int = 8,
         pin_memory: bool = False,
         workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = False,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
@@ -229,6 +241,14 @@ class ParquetLoader:
         self.dense_width = len(DENSE)
         self.row_groups = self._index_row_groups()
         self.num_rows = sum(n for _, _, n in self.row_groups)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if world_size > len(self.row_groups):
+            raise ValueError(
+                f"{self.path}: split {split!r} has {len(self.row_groups)} row groups, fewer than the "
+                f"{world_size} processes that share them (write smaller row groups or use fewer processes)"
+            )
+        self.rank, self.world_size, self.pad = rank, world_size, pad
 
     def _index_row_groups(self) -> list[tuple[Path, int, int]]:
         groups = []
@@ -248,8 +268,33 @@ class ParquetLoader:
         return groups
 
     def __len__(self) -> int:
-        """Batches per epoch (the last one may be short)."""
-        return -(-self.num_rows // self.batch_size)
+        """Batches per epoch (the last one may be short); per rank when sharded (see `epoch`)."""
+        if self.world_size == 1:
+            return -(-self.num_rows // self.batch_size)
+        return self._rank_batches(0)[1]
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """Indices of all row groups in the order of `epoch` (fixed by seed and epoch)."""
+        n_groups = len(self.row_groups)
+        group_rng = np.random.default_rng([self.seed, epoch])
+        return list(group_rng.permutation(n_groups) if self.shuffle else range(n_groups))
+
+    def _rank_order(self, epoch: int) -> list[int]:
+        """The row groups this rank reads in `epoch`: every world_size-th of the epoch's order."""
+        return self._epoch_order(epoch)[self.rank :: self.world_size]
+
+    def _rank_batches(self, epoch: int) -> tuple[int, int]:
+        """(batches this rank's row groups make, batches every rank yields in `epoch`): the
+        fewest over ranks, or with `pad` the most (plus one short batch per extra worker
+        process). From the row-group index alone, so every rank agrees without communicating."""
+        order = self._epoch_order(epoch)
+        counts = [
+            -(-sum(self.row_groups[i][2] for i in order[r :: self.world_size]) // self.batch_size)
+            for r in range(self.world_size)
+        ]
+        if self.pad:
+            return counts[self.rank], max(counts) + max(self.workers - 1, 0)
+        return counts[self.rank], min(counts)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Every row of the split exactly once, in an order fixed by (seed, epoch).
@@ -259,7 +304,26 @@ class ParquetLoader:
         buffer: per-batch transfers measured slower than one thread); the DataLoader takes them
         round-robin, so the order is still fixed by the seed. Each worker ends with its own short
         batch.
+
+        Sharded (`world_size` > 1): this rank reads only its share of row groups (every
+        world_size-th of the epoch's order), and every rank yields the same number of batches, so
+        that collectives line up: the fewest any rank has (a few rows of the others are left out
+        of the epoch), or with `pad` (evaluation) the most, topped up with empty batches so that
+        every row is seen exactly once over all ranks.
         """
+        if self.world_size == 1:
+            yield from self._epoch(epoch)
+            return
+        target = self._rank_batches(epoch)[1]
+        n = 0
+        # pad: never cut (`target` covers every batch this rank can make)
+        for batch in self._epoch(epoch) if self.pad else itertools.islice(self._epoch(epoch), target):
+            n += 1
+            yield batch
+        for _ in range(target - n):
+            yield empty_batch()
+
+    def _epoch(self, epoch: int) -> Iterator[Batch]:
         if self.workers > 0:
             chunks = torch.utils.data.DataLoader(
                 _EpochShards(self, epoch),
@@ -314,9 +378,7 @@ class ParquetLoader:
     def _chunks(self, epoch: int, shard: int = 0, num_shards: int = 1) -> Iterator["_Chunk"]:
         """The epoch's shuffled chunks of whole batches (the last may be short); with shards,
         only every `num_shards`-th read-ahead buffer."""
-        n_groups = len(self.row_groups)
-        group_rng = np.random.default_rng([self.seed, epoch])
-        order = list(group_rng.permutation(n_groups) if self.shuffle else range(n_groups))
+        order = self._rank_order(epoch)
         leftover: pa.Table | None = None  # rows short of a full batch, carried into the next buffer
         files: dict[Path, pq.ParquetFile] = {}
         step = self.buffer_row_groups

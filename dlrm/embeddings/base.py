@@ -40,6 +40,10 @@ TABLE_OPTIONS: dict[str, Opt] = {
     "dim": Opt(int, min=1),
     "pooling": Opt(str, choices=POOLINGS),
     "check_ids": Opt(bool),
+    # under torchrun: how torchrec places the tables (dlrm/distributed/model.py, docs/distributed.md)
+    "sharding": Opt(str, choices=("auto", "table_wise", "column_wise", "table_column_wise", "row_wise",
+                                  "data_parallel")),
+    "rank_memory_gb": Opt(float, min=0, nullable=True),  # under torchrun: the planner's per-rank memory
 }
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
