@@ -57,7 +57,8 @@ class _PairwiseDots(torch.autograd.Function):
     def forward(ctx, t: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(t, flat_index)
         z = torch.bmm(t, t.transpose(1, 2))  # [B, N, N]
-        return z.view(t.shape[0], -1).index_select(1, flat_index)
+        # explicit N*N, not -1: an empty batch (B = 0, a rank's eval padding) must reshape too
+        return z.view(t.shape[0], t.shape[1] ** 2).index_select(1, flat_index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -144,7 +145,7 @@ class DLRM(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.sparse_arch(sparse).values()  # [B, F * D], fp32
-        embedded = pooled.view(-1, self.num_features, self.dim)
+        embedded = pooled.view(pooled.shape[0], self.num_features, self.dim)  # B may be 0
         compiled = self.compiled_dense_forward
         # training only: evaluation stays eager rather than compile a second (no-grad) graph
         if compiled is not None and self.training:

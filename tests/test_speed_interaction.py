@@ -50,3 +50,9 @@ def test_gradcheck():
         return torch.cat([x, _PairwiseDots.apply(t, inter.flat_index)], 1)
 
     assert torch.autograd.gradcheck(fn, (dense, sparse))
+
+
+def test_an_empty_batch_passes_through():
+    # a rank's padded eval batch has B = 0 (dlrm/distributed): the interaction must not fail on it
+    out = DotInteraction(num_sparse_features=3)(torch.zeros(0, 4), torch.zeros(0, 3, 4))
+    assert out.shape == (0, 4 + 6)
