@@ -32,7 +32,8 @@ class FullEmbeddings(EmbeddingBackend):
         super().__init__(tables)
         cfg = self.settings(cfg)
         self.check_ids = cfg.check_ids
-        self.tbe = fused_tables(self.tables, optim, cfg.pooling, device)
+        self.weights_precision = cfg.weights_precision
+        self.tbe = fused_tables(self.tables, optim, cfg.pooling, device, self.weights_precision)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self.check_ids:
@@ -42,3 +43,17 @@ class FullEmbeddings(EmbeddingBackend):
 
     def embedding_bytes(self) -> int:
         return tbe_bytes(self.tbe)
+
+    def describe(self) -> str:
+        if self.weights_precision == "fp32":
+            return super().describe()
+        return "\n".join(f"{t.name}: {self.name} {t.rows} x {t.dim} {self.weights_precision}" for t in self.tables)
+
+
+class Fp16Embeddings(FullEmbeddings):
+    """`emb=fp16`: `full` with rows stored in fp16 (`emb.weights_precision=fp16`), computed in
+    fp32: about half the weight bytes, the 2x baseline every compression method must beat
+    (conf/emb/fp16.yaml). Same as `emb=full emb.weights_precision=fp16`, under its own name in
+    results.json."""
+
+    name = "fp16"

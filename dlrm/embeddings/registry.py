@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec
 from dlrm.embeddings.cached import CachedEmbeddings
-from dlrm.embeddings.full import FullEmbeddings
+from dlrm.embeddings.full import Fp16Embeddings, FullEmbeddings
 from dlrm.embeddings.hashed import HashedEmbeddings
 from dlrm.embeddings.policy import SplitEmbeddings, compressed_tables
 from dlrm.embeddings.qr import QREmbeddings
@@ -20,6 +20,7 @@ from dlrm.embeddings.tt import TTEmbeddings
 
 BACKENDS: dict[str, type[EmbeddingBackend]] = {
     "full": FullEmbeddings,
+    "fp16": Fp16Embeddings,
     "hashed": HashedEmbeddings,
     "qr": QREmbeddings,
     "tt": TTEmbeddings,
@@ -41,6 +42,7 @@ def build_embeddings(
         raise ValueError(f"emb.name={cfg.name!r}: known backends are {sorted(BACKENDS)}")
     backend = BACKENDS[cfg.name]
     runtime = runtime or Runtime()
+    check_rows_precision(cfg)
     if cfg.name == "full":
         chosen = tables
     else:
@@ -57,4 +59,20 @@ def build_embeddings(
 
 def _full_settings(cfg: DictConfig) -> DictConfig:
     """The keys of `cfg` that `full` reads (the common table keys) for the tables left full."""
-    return DictConfig({k: cfg[k] for k in ("dim", "pooling", "check_ids") if k in cfg})
+    keys = ("dim", "pooling", "check_ids", "weights_precision")
+    return DictConfig({k: cfg[k] for k in keys if k in cfg})
+
+
+# Backends whose own rows are fbgemm rows, so emb.weights_precision applies to them.
+ROWS_PRECISION = ("full", "fp16", "hashed", "qr", "hybrid", "mde")
+
+
+def check_rows_precision(cfg: DictConfig) -> None:
+    """A one-line error for emb.weights_precision other than fp32 on a backend that would not honour
+    it (tt's cores, cached's cache and store are fp32), rather than silently ignoring it."""
+    precision = cfg.get("weights_precision", "fp32")
+    if precision != "fp32" and cfg.name not in ROWS_PRECISION:
+        raise ValueError(
+            f"emb.weights_precision={precision}: emb={cfg.name} keeps its rows in fp32; "
+            f"fp16 rows work with {list(ROWS_PRECISION)}"
+        )

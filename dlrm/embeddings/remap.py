@@ -34,8 +34,10 @@ class RemappedTables(EmbeddingBackend):
 
     physical_tables: list[TableSpec]
 
-    def build_tables(self, optim: DictConfig, pooling: str, device: torch.device) -> None:
-        self.tbe = fused_tables(self.physical_tables, optim, pooling, device)
+    def build_tables(
+        self, optim: DictConfig, pooling: str, device: torch.device, precision: str = "fp32"
+    ) -> None:
+        self.tbe = fused_tables(self.physical_tables, optim, pooling, device, precision)
 
     @abstractmethod
     def remap(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
