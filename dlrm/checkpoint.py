@@ -115,6 +115,8 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
         if key == "data" and isinstance(node, dict):
             return {k: v for k, v in node.items() if k not in ("root", "path", "workers")}
         if key == "emb" and isinstance(node, dict):
+            # emb.path: where a disk store lives may move too. emb.resume: written into the
+            # config by runs before the Runtime argument existed; ignored in their checkpoints.
             return {k: v for k, v in node.items() if k not in ("path", "resume")}
         return node
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.embeddings import TableSpec, build_embeddings
-from dlrm.embeddings.cache_store import read_disk_table
+from dlrm.embeddings.cached.disk import read_disk_table
 from dlrm.embeddings.cached import CachedEmbeddings
 from dlrm.embeddings.full import FullEmbeddings
 from dlrm.embeddings.tt import TTEmbeddings
@@ -270,7 +270,7 @@ def test_trainer_runs_cached_on_disk_and_reports_stats(compose_cfg, tiny_dataset
 
 
 def test_disk_store_starts_sparse_with_a_deterministic_init(tmp_path):
-    from dlrm.embeddings.cache_store import hash_init
+    from dlrm.embeddings.cached.disk import hash_init
 
     table = [TableSpec("t_Z", rows=50_000, dim=8, features=("Z",))]
     emb = CachedEmbeddings(table, emb_cfg(store="disk", path=str(tmp_path), warm_start="ids"), ADAGRAD, CPU)

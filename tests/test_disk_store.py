@@ -18,9 +18,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dlrm.embeddings import TableSpec
-from dlrm.embeddings import cache_store
-from dlrm.embeddings.cache_store import JOURNAL_HEADER, RECORD_HEADER, DiskStore, read_disk_table
+from dlrm.embeddings import Runtime, TableSpec
+from dlrm.embeddings.cached import journal as cache_store
+from dlrm.embeddings.cached.disk import DiskStore, read_disk_table
+from dlrm.embeddings.cached.journal import JOURNAL_HEADER, RECORD_HEADER
 from dlrm.embeddings.cached import CachedEmbeddings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +36,8 @@ import os, shutil, signal, sys
 from pathlib import Path
 import torch
 from dlrm.embeddings import TableSpec
-from dlrm.embeddings import cache_store
-from dlrm.embeddings.cache_store import DiskStore
+from dlrm.embeddings.cached import journal as cache_store
+from dlrm.embeddings.cached.disk import DiskStore
 TABLES = [TableSpec("t_a", rows=2000, dim=4, features=("a",)), TableSpec("t_b", rows=1000, dim=4, features=("b",))]
 store, saved = Path(sys.argv[1]), Path(sys.argv[2])
 g = torch.Generator().manual_seed(0)
@@ -160,7 +161,7 @@ def test_reopening_a_flushed_store_gives_its_rows_and_step(tmp_path):
     assert emb.store.committed_step == 7  # cold_rows' flush changed nothing, so the step stays
     del emb
 
-    again = CachedEmbeddings(TABLES, OmegaConf.merge(cfg, {"resume": True}), ADAGRAD, CPU)
+    again = CachedEmbeddings(TABLES, cfg, ADAGRAD, CPU, Runtime(resuming=True))  # a resuming run
     assert again.store.committed_step == 7
     for t in TABLES:
         w, s = again.cold_rows(t.name)

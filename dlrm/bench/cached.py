@@ -40,7 +40,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dlrm.bench.common import zipf_ids, zipf_kjt
 from dlrm.data.schema import KAGGLE_CARDINALITIES, SPARSE
 from dlrm.embeddings import TableSpec, build_embeddings
-from dlrm.embeddings.cache_store import DiskStore
+from dlrm.embeddings.cached.disk import DiskStore
 
 def write_counts(tables, alpha, samples, rng, where: Path) -> float:
     """Warm-start counts per table; returns the share of the sample the top 1% of ids take."""

@@ -1,10 +1,9 @@
-"""Cold stores behind `emb=cached`: the full table (weights + optimizer state) in host memory or
-in memory-mapped files on disk.
+"""The disk store behind `emb=cached emb.store=disk`: full tables (weights + optimizer state) in
+memory-mapped files, for tables larger than RAM (the Store protocol: store.py).
 
-A store holds, per table, `weights [rows, dim]` and `state [rows, width]` (fp32; width 1 for
-row-wise Adagrad, dim for Adagrad, 0 for SGD). Both stores expose them as CPU tensors, so the
-cache reads and writes rows with the same `index_select` / indexed assignment; for the disk store
-those tensors are views of `numpy.memmap`s, so only the pages touched stay resident.
+Per table `weights [rows, dim]` and `state [rows, width]` (fp32; width 1 for row-wise Adagrad,
+dim for Adagrad, 0 for SGD) are CPU tensors viewing `numpy.memmap`s, so only the pages touched
+stay resident.
 
 Disk layout under `emb.path`: `<table>.rows.f32`, raw little-endian fp32 `[rows, dim + width]`,
 each row's weights followed by its optimizer state (one page touched per row moved, not two),
@@ -13,15 +12,13 @@ each row's weights followed by its optimizer state (one page touched per row mov
 read as zeros, and reserving 13.6 GB took 0.03 s on ext4), and a row that was never written reads
 as its init, U(-1/sqrt(rows), 1/sqrt(rows)) from a counter-based hash of (table, id, column)
 (`hash_init`), so building a 200M-row store writes no rows and only touched pages are read.
-Those values are not torch's RNG stream (full.py's), only the same distribution; `load_weights`
+Those values are not torch's RNG stream (tables.py's `init_uniform_`), only the same distribution; `load_weights`
 replaces them.
 
 Crash safety. Rows are written in place (evictions) between flushes, so the files alone would
 mix the last flushed state with later write-backs after a crash. Before a row (or its init byte)
 changes for the first time since the last flush, its old contents are appended to
-`<table>.undo` with an ordinary write, and only then is the row written through the map: after a
-process crash (kill -9, OOM, exception) the page cache holds every journal record before the row
-it protects. `flush(step)` syncs the maps and files, then commits `store.json` (temp file, fsync,
+`<table>.undo` (journal.py), and only then is the row written through the map. `flush(step)` syncs the maps and files, then commits `store.json` (temp file, fsync,
 rename, fsync of the dir) with `"clean": true`, the `step` and a new `epoch`, and only then drops
 the journals. A journal thus holds each row written since the last flush once: at most
 rows * (8 + 4 * (dim + width) + 1) bytes. `store.json` says `"clean": false` from the first write
@@ -48,16 +45,14 @@ import math
 import mmap
 import os
 import shutil
-import struct
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dlrm.embeddings.base import FP32_BYTES, TableSpec
-from dlrm.embeddings.tables import init_uniform_
+from dlrm.embeddings.cached.journal import UndoJournal, fsync_path, read_journal
 
 log = logging.getLogger(__name__)
 
@@ -75,40 +70,6 @@ def hash_init(table_index: int, ids: torch.Tensor, dim: int, rows: int) -> torch
     return ((2 * unit - 1) * bound).to(torch.float32)
 
 
-class HostStore:
-    """Full tables plus optimizer state as ordinary tensors in host memory."""
-
-    kind = "host"
-
-    def __init__(self, tables: list[TableSpec], state_width: int) -> None:
-        self.weights: dict[str, torch.Tensor] = {}
-        self.state: dict[str, torch.Tensor] = {}
-        for t in tables:
-            self.weights[t.name] = torch.empty(t.rows, t.dim)
-            init_uniform_(self.weights[t.name], t.rows)
-            self.state[t.name] = torch.zeros(t.rows, state_width)
-
-    def read(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.weights[name].index_select(0, ids), self.state[name].index_select(0, ids)
-
-    def write(self, name: str, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> None:
-        self.weights[name].index_copy_(0, ids, w)
-        if s is not None:
-            self.state[name].index_copy_(0, ids, s)
-
-    def resident_bytes(self) -> int:
-        return sum(
-            w.numel() * FP32_BYTES + s.numel() * FP32_BYTES
-            for w, s in zip(self.weights.values(), self.state.values())
-        )
-
-    def flush(self, step: int | None = None) -> None:
-        pass  # nothing outlives the process
-
-    def describe(self) -> str:
-        return "host memory"
-
-
 def check_writable(path: Path, need_bytes: int) -> None:
     """One clear error before training if `path` cannot hold the store."""
     try:
@@ -124,58 +85,6 @@ def check_writable(path: Path, need_bytes: int) -> None:
             f"emb.path={str(path)!r}: the disk store needs {need_bytes / 2**30:.2f} GiB, "
             f"only {free / 2**30:.2f} GiB free"
         )
-
-
-# Undo journal `<table>.undo`: a header, then one record per batch of rows written for the first
-# time since the last flush: record header (magic, count, crc32 of the payload), then the payload:
-# ids int64[count], the old packed rows fp32[count, dim + width], the old init bytes uint8[count].
-JOURNAL_HEADER = struct.Struct("<8sIIQ")  # magic, version, floats per row, epoch
-JOURNAL_MAGIC, JOURNAL_VERSION = b"DLRMUNDO", 1
-RECORD_HEADER = struct.Struct("<4sII")  # magic, count, crc32
-RECORD_MAGIC = b"ROWS"
-JOURNAL_CHUNK_ROWS = 1 << 16  # rows per record at most (~5 MB for dim 16 + 1 state float)
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    """pwrite all of `data` at `offset` (a write may be short)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_journal(file: Path, epoch: int, width: int) -> tuple[list[tuple[int, int]], int]:
-    """(offset, count) of each complete record of a journal written in `epoch`, and the torn bytes.
-
-    A journal from another epoch (or without a whole header) protects nothing: no records. Reading
-    stops at the first incomplete or corrupt record: appends happen before the rows they protect
-    change, so a record cut short by a crash protects rows that were never written.
-    """
-    size = file.stat().st_size
-    records, end = [], JOURNAL_HEADER.size
-    with open(file, "rb") as f:
-        head = f.read(JOURNAL_HEADER.size)
-        if len(head) < JOURNAL_HEADER.size:
-            return [], len(head)
-        magic, version, floats, file_epoch = JOURNAL_HEADER.unpack(head)
-        if magic != JOURNAL_MAGIC or version != JOURNAL_VERSION or floats != width or file_epoch != epoch:
-            return [], 0
-        while end + RECORD_HEADER.size <= size:
-            magic, count, crc = RECORD_HEADER.unpack(f.read(RECORD_HEADER.size))
-            n = count * (8 + width * FP32_BYTES + 1)
-            if magic != RECORD_MAGIC or end + RECORD_HEADER.size + n > size or zlib.crc32(f.read(n)) != crc:
-                break
-            records.append((end + RECORD_HEADER.size, count))
-            end += RECORD_HEADER.size + n
-    return records, size - end
 
 
 class DiskStore:
@@ -213,15 +122,13 @@ class DiskStore:
         self.state: dict[str, torch.Tensor] = {}
         self.written: dict[str, torch.Tensor] = {}
         self.packed: dict[str, torch.Tensor] = {}
-        self._journal_fd: dict[str, int] = {}
-        self._journal_end: dict[str, int] = {}  # bytes of whole records; a failed append is cut back here
-        self._journaled = {t.name: np.zeros((t.rows + 7) // 8, np.uint8) for t in tables}
         manifest = self.path / "store.json"
         if resume:
             if not manifest.exists():
                 raise ValueError(f"emb.path={str(self.path)!r} holds no table store (store.json) to resume from")
             saved = self._check_manifest(json.loads(manifest.read_text()))
             self.epoch, self.committed_step = saved["epoch"], saved["step"]
+            self.journal = UndoJournal(self.path, tables, state_width, self.epoch, durable)
             self._dirty = not saved["clean"]
             allocated = sum(self.rows_file(t.name).stat().st_blocks * 512 for t in tables)
             check_writable(self.path, self._file_bytes() - allocated)
@@ -234,8 +141,8 @@ class DiskStore:
                 )
             check_writable(self.path, self._file_bytes())
             self.epoch, self.committed_step, self._dirty = 0, None, True
-            for t in tables:  # a journal without a store.json protects nothing
-                self.journal_file(t.name).unlink(missing_ok=True)
+            self.journal = UndoJournal(self.path, tables, state_width, self.epoch, durable)
+            self.journal.drop()  # a journal without a store.json protects nothing
             self._write_manifest(clean=False, epoch=0, step=None)
             mode = "w+"  # zero-filled files: Adagrad state starts at 0, no row written
         for t in tables:
@@ -253,9 +160,6 @@ class DiskStore:
 
     def rows_file(self, name: str) -> Path:
         return self.path / f"{name}.rows.f32"
-
-    def journal_file(self, name: str) -> Path:
-        return self.path / f"{name}.undo"
 
     def _file_bytes(self) -> int:
         return sum(t.rows * (t.dim + self.state_width) * FP32_BYTES for t in self.tables)
@@ -328,7 +232,7 @@ class DiskStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path / "store.json")
-            _fsync_path(self.path)
+            fsync_path(self.path)
         except OSError as e:
             raise OSError(
                 e.errno, f"disk store {self.path}: cannot write store.json ({e.strerror}); the store "
@@ -355,91 +259,18 @@ class DiskStore:
         self.written[name].index_fill_(0, ids, 1)
 
     def _journal(self, name: str, ids: torch.Tensor) -> None:
-        """Append the old contents of the rows of `ids` not yet journaled since the last flush."""
         if not self._dirty:
             self.mark_dirty()
-        bits = self._journaled[name]
-        ids_np = ids.numpy()
-        new = ids_np[((bits[ids_np >> 3] >> (ids_np & 7)) & 1) == 0]
-        if not len(new):
-            return
-        # No np.unique (a sort per batch): a repeated id would be journaled twice with the same
-        # old contents, as its row is read before any of this batch's writes.
-        # Records of at most JOURNAL_CHUNK_ROWS rows bound the copies a big flush makes. A chunk is
-        # marked journaled at once: if a later one fails, its rows are still unchanged all the same.
-        for start in range(0, len(new), JOURNAL_CHUNK_ROWS):
-            chunk = new[start : start + JOURNAL_CHUNK_ROWS]
-            old = torch.from_numpy(chunk)
-            payload = b"".join([
-                chunk.astype("<i8").tobytes(),
-                self.packed[name].index_select(0, old).numpy().tobytes(),
-                self.written[name].index_select(0, old).numpy().tobytes(),
-            ])  # fmt: skip
-            self._append(name, RECORD_HEADER.pack(RECORD_MAGIC, len(chunk), zlib.crc32(payload)) + payload)
-            np.bitwise_or.at(bits, chunk >> 3, (1 << (chunk & 7)).astype(np.uint8))
-
-    def _append(self, name: str, record: bytes) -> None:
-        """Append `record` to the table's journal, or raise with the journal as it was before."""
-        file = self.journal_file(name)
-        try:
-            if name not in self._journal_fd:
-                fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                t = self.spec[name]
-                header = JOURNAL_HEADER.pack(JOURNAL_MAGIC, JOURNAL_VERSION, t.dim + self.state_width, self.epoch)
-                try:
-                    _write_all(fd, header, 0)
-                    if self.durable:  # the new file's directory entry must survive too
-                        _fsync_path(self.path)
-                except OSError:
-                    os.close(fd)  # the next append starts the file again
-                    raise
-                self._journal_fd[name], self._journal_end[name] = fd, len(header)
-            fd = self._journal_fd[name]
-            _write_all(fd, record, self._journal_end[name])
-            if self.durable:
-                os.fdatasync(fd)
-        except OSError as e:
-            if name in self._journal_fd:
-                try:  # drop a partial record; the next append would overwrite it anyway
-                    os.ftruncate(self._journal_fd[name], self._journal_end[name])
-                except OSError:
-                    pass
-            raise OSError(
-                e.errno, f"disk store {self.path}: cannot append to the undo journal {file.name} "
-                f"({e.strerror}); no row of this batch was written, the store still rolls back to its last flush"
-            ) from e
-        self._journal_end[name] += len(record)
-
-    def _drop_journals(self) -> None:
-        for name in self.spec:
-            fd = self._journal_fd.pop(name, None)
-            if fd is not None:
-                os.close(fd)
-            self._journal_end.pop(name, None)
-            self.journal_file(name).unlink(missing_ok=True)
-            self._journaled[name] = np.zeros(self._journaled[name].shape, np.uint8)  # fresh zero pages, no sweep
+        self.journal.protect(name, ids, self.packed[name], self.written[name])
 
     def _roll_back(self) -> None:
         """Undo every write since the last flush that a journal of this epoch recorded."""
         restored = {}
         for t in self.tables:
-            file = self.journal_file(t.name)
-            if not file.exists():
-                continue
-            width = t.dim + self.state_width
-            records, torn = _read_journal(file, self.epoch, width)
+            restored[t.name], torn = self.journal.replay(t.name, self.packed[t.name], self.written[t.name])
             if torn:
-                log.warning("%s: ignoring a torn last record of %d bytes (cut short by a crash)", file, torn)
-            with open(file, "rb") as f:
-                for offset, count in reversed(records):  # each id is in one record; reversed all the same
-                    f.seek(offset)
-                    payload = f.read(count * (8 + width * FP32_BYTES + 1))
-                    ids = torch.from_numpy(np.frombuffer(payload, "<i8", count).copy())
-                    rows = np.frombuffer(payload, "<f4", count * width, count * 8).reshape(count, width)
-                    flags = np.frombuffer(payload, np.uint8, count, count * (8 + width * FP32_BYTES))
-                    self.packed[t.name].index_copy_(0, ids, torch.from_numpy(rows.copy()))
-                    self.written[t.name].index_copy_(0, ids, torch.from_numpy(flags.copy()))
-            restored[t.name] = sum(c for _, c in records)
+                log.warning("%s: ignoring a torn last record of %d bytes (cut short by a crash)",
+                            self.journal.file(t.name), torn)
         restored = {n: c for n, c in restored.items() if c}
         if restored:
             log.warning(
@@ -450,14 +281,14 @@ class DiskStore:
             self._dirty = True
             self.flush(self.committed_step)
         else:
-            self._drop_journals()  # stale ones from an older epoch
+            self.journal.drop()  # stale ones from an older epoch
 
     # ------------------------------------------------------------------ state
 
     def resident_bytes(self) -> int:
         # The files are page cache, reclaimable by the OS (see CachedEmbeddings docs); the
         # journaled-rows bitmap is ordinary memory.
-        return sum(b.nbytes for b in self._journaled.values())
+        return self.journal.bytes()
 
     def flush(self, step: int | None = None) -> None:
         """Commit the files as they are now: a later crash rolls back to this state.
@@ -470,16 +301,23 @@ class DiskStore:
         for mm in self._maps:
             mm.flush()  # msync: dirty pages of the maps reach the files
         for t in self.tables:
-            _fsync_path(self.rows_file(t.name))  # and their metadata (blocks of a sparse file)
-            _fsync_path(self.init_file(t.name))
+            fsync_path(self.rows_file(t.name))  # and their metadata (blocks of a sparse file)
+            fsync_path(self.init_file(t.name))
         self._write_manifest(clean=True, epoch=self.epoch + 1, step=step)
         self.epoch, self.committed_step, self._dirty = self.epoch + 1, step, False
-        self._drop_journals()  # their epoch is over: a leftover one is ignored on resume
+        self.journal.epoch = self.epoch
+        self.journal.drop()  # their epoch is over: a leftover one is ignored on resume
 
     def mark_dirty(self) -> None:
         if not self._dirty:
             self._write_manifest(clean=False, epoch=self.epoch, step=self.committed_step)
             self._dirty = True
+
+    def checkpoint_state(self) -> None:
+        return None  # the tables stay in their files, committed by `flush(step)`
+
+    def load_checkpoint_state(self, saved: None) -> None:
+        pass
 
     def describe(self) -> str:
         return f"disk {self.path}"
@@ -497,7 +335,7 @@ def read_disk_table(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     if not manifest["clean"]:
         raise ValueError(f"{path}: store.json says the store was not flushed")
     journal = path / f"{name}.undo"
-    if journal.exists() and _read_journal(journal, manifest.get("epoch", 0), t["dim"] + width)[0]:
+    if journal.exists() and read_journal(journal, manifest.get("epoch", 0), t["dim"] + width)[0]:
         raise ValueError(
             f"{path}: {journal.name} holds writes after the last flush; reopen the store with resume"
         )
