@@ -90,8 +90,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     # A disk store lives in its run's dir unless emb.path says otherwise; a resumed run reopens
     # the store of the run it continues (run_dir_of fails fast if there is nothing to resume).
     store_dir = Path(checkpoint.run_dir_of(resume) if resume else out_dir).resolve()
-    runtime = Runtime(seed=cfg.seed, store_dir=store_dir, resuming=bool(resume))
     path = dataset_path(cfg.data)
+    runtime = Runtime(seed=cfg.seed, store_dir=store_dir, resuming=bool(resume), data_dir=path)
     loader_args = dict(
         batch_size=cfg.trainer.batch_size,
         max_rows=cfg.data.get("max_rows", 0),

@@ -42,11 +42,14 @@ class Runtime:
     `store_dir` is where a backend keeps files that outlive the process when its config names no
     place (a disk store goes to `store_dir/emb_store`; None: a fresh temp dir); `resuming` says
     whether this run continues a checkpointed one (a disk store is then reopened, never created).
+    `data_dir` is the dataset's directory, where frequency-aware backends (hybrid, mde) find
+    per-id counts (`dlrm.data.counts.ensure_counts`); None outside a training run.
     """
 
     seed: int = 0
     store_dir: Path | None = None
     resuming: bool = False
+    data_dir: Path | None = None
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,6 +14,7 @@ from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec
 from dlrm.embeddings.cached import CachedEmbeddings
 from dlrm.embeddings.full import Fp16Embeddings, FullEmbeddings
 from dlrm.embeddings.hashed import HashedEmbeddings
+from dlrm.embeddings.hybrid import HybridEmbeddings
 from dlrm.embeddings.policy import SplitEmbeddings, compressed_tables
 from dlrm.embeddings.qr import QREmbeddings
 from dlrm.embeddings.tt import TTEmbeddings
@@ -25,6 +26,7 @@ BACKENDS: dict[str, type[EmbeddingBackend]] = {
     "qr": QREmbeddings,
     "tt": TTEmbeddings,
     "cached": CachedEmbeddings,
+    "hybrid": HybridEmbeddings,
 }
 
 
