@@ -15,6 +15,7 @@ from dlrm.embeddings.cached import CachedEmbeddings
 from dlrm.embeddings.full import Fp16Embeddings, FullEmbeddings
 from dlrm.embeddings.hashed import HashedEmbeddings
 from dlrm.embeddings.hybrid import HybridEmbeddings
+from dlrm.embeddings.mde import MDEEmbeddings
 from dlrm.embeddings.policy import SplitEmbeddings, compressed_tables
 from dlrm.embeddings.qr import QREmbeddings
 from dlrm.embeddings.tt import TTEmbeddings
@@ -27,6 +28,7 @@ BACKENDS: dict[str, type[EmbeddingBackend]] = {
     "tt": TTEmbeddings,
     "cached": CachedEmbeddings,
     "hybrid": HybridEmbeddings,
+    "mde": MDEEmbeddings,
 }
 
 
