@@ -1,4 +1,5 @@
-"""One builder for the model: tables from cardinalities, the embedding backend, DLRM around it.
+"""One builder for the model: tables from cardinalities, the embedding backend, the model around it
+(`model.name`: DLRM or DLRM-DCNv2).
 
 Used by `dlrm.train`, the benchmarks in dlrm/bench/ and the tests, so all of them build exactly
 what a training run builds.
@@ -16,8 +17,11 @@ from collections.abc import Mapping
 import torch
 from omegaconf import DictConfig
 
+from dlrm.dcn import DLRMDCN
 from dlrm.embeddings import EmbeddingBackend, Runtime, TableSpec, build_embeddings
 from dlrm.model import DLRM, resolve_precision
+
+MODELS = {"dlrm": DLRM, "dcnv2": DLRMDCN}  # model.name -> the model class (conf/model/)
 
 
 def table_specs(cardinalities: Mapping[str, int], dim: int) -> list[TableSpec]:
@@ -32,8 +36,8 @@ def build_model(
     dense_in: int = 13,
     runtime: Runtime | None = None,
     embeddings: EmbeddingBackend | None = None,
-) -> DLRM:
-    """DLRM over the `emb` backend of the composed config `cfg` (sections emb, optim, model,
+) -> DLRM | DLRMDCN:
+    """The `model.name` model (DLRM, DLRM-DCNv2) over the `emb` backend of the composed config `cfg` (sections emb, optim, model,
     trainer.precision), with one table per feature of `cardinalities` ({feature: rows}) and
     `dense_in` dense features. `runtime` carries the run's seed, store dir and whether it resumes
     (default: seed `cfg.seed`, no store dir, not resuming). `embeddings` replaces the backend
@@ -42,10 +46,11 @@ def build_model(
         runtime = runtime or Runtime(seed=cfg.seed)
         tables = table_specs(cardinalities, cfg.emb.dim)
         embeddings = build_embeddings(tables, cfg.emb, cfg.optim.sparse, device, runtime)
-    return DLRM(
-        embeddings,
-        dense_in=dense_in,
+    towers = dict(
         bottom_mlp=list(cfg.model.bottom_mlp),
         top_mlp=list(cfg.model.top_mlp),
         precision=resolve_precision(cfg.trainer.precision, device),
     )
+    if cfg.model.name == "dcnv2":
+        towers.update(cross_layers=cfg.model.cross_layers, low_rank=cfg.model.low_rank)
+    return MODELS[cfg.model.name](embeddings, dense_in=dense_in, **towers)

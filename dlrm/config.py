@@ -1,4 +1,4 @@
-"""Checks on the composed config that Hydra's YAML cannot express: types and ranges.
+"""Checks on the composed config that Hydra's YAML cannot express: types, ranges, choices.
 
 Run before any work, so `trainer.batch_size=0` or `rank=abc` fails in a second with one line
 naming the key, not after minutes of data generation.
@@ -10,35 +10,76 @@ import json
 
 from omegaconf import DictConfig
 
-# key -> (type, minimum); bools are rejected where an int is expected.
-CHECKS: dict[str, tuple[type, float | None]] = {
-    "seed": (int, 0),
-    "rank": (int, 1),
-    "compression": (float, 1),
-    "trainer.max_steps": (int, 1),
-    "trainer.batch_size": (int, 1),
-    "trainer.eval_every": (int, 0),
-    "trainer.eval_batches": (int, 0),
-    "trainer.log_every": (int, 1),
-    "trainer.warmup_steps": (int, 0),
-    "trainer.grad_clip": (float, 0),
-    "trainer.threads": (int, 0),
-    "trainer.checkpoint_every": (int, 0),
-    "optim.dense.lr": (float, 0),
-    "optim.sparse.lr": (float, 0),
-    "emb.dim": (int, 1),
-}
-CHOICES = {
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
-}
+from dlrm.options import ConfigError, Opt, check_options
+
+__all__ = ["ConfigError", "Opt", "check_options", "validate", "get_dotted", "flatten"]
+
 # What a sweeper may optimize: one results.json key, or a list for multi-objective search
 # (e.g. [auc, embedding_bytes] with Optuna's NSGA-II sampler).
 METRICS = ("auc", "logloss", "ne", "embedding_bytes", "compression_ratio", "step_time_ms", "samples_per_s")
 
-
-class ConfigError(ValueError):
-    pass
+# Every key of every group but `emb` (whose options each backend declares itself, next to its
+# code), with its type, range or choices. A key missing here is an unknown key: add it with the
+# YAML that defines it. The YAML holds the defaults; these tables hold only what is valid.
+TOP = {
+    "seed": Opt(int, min=0),
+    "rank": Opt(int, min=1),
+    "compression": Opt(float, min=1),
+}
+TRAINER = {
+    "max_steps": Opt(int, min=1),
+    "batch_size": Opt(int, min=1),
+    "device": Opt(str, choices=("auto", "cpu", "cuda")),
+    "precision": Opt(str, choices=("auto", "fp32", "bf16", "fp16")),
+    "eval_every": Opt(int, min=0),
+    "eval_batches": Opt(int, min=0),
+    "log_every": Opt(int, min=1),
+    "warmup_steps": Opt(int, min=0),
+    "grad_clip": Opt(float, min=0),
+    "threads": Opt(int, min=0),
+    "progress": Opt(bool),
+    "checkpoint_every": Opt(int, min=0),
+    "resume": Opt(str, nullable=True, what="a run directory or checkpoint path"),
+    "metric": Opt((str, list)),
+}
+_DATA_COMMON = {
+    "name": Opt(str),
+    "train_split": Opt(str),
+    "eval_split": Opt(str),
+    "max_rows": Opt(int, min=0),
+    "shuffle": Opt(bool),
+    "workers": Opt(int, min=0),
+}
+DATA = {  # by data.name
+    "synthetic": {
+        **_DATA_COMMON,
+        "root": Opt(str),
+        "seed": Opt(int, min=0),
+        "rows": Opt(int, min=1),
+        "eval_rows": Opt(int, min=1),
+        "max_cardinality": Opt(int, min=0),
+        "table_rows": Opt(dict, nullable=True),
+        "zipf": Opt(float, min=0),
+        "click_rate": Opt(float, min=0),
+        "row_group_rows": Opt(int, min=1),
+        "multi_hot": Opt(dict, nullable=True),
+    },
+    "parquet": {**_DATA_COMMON, "path": Opt(str)},
+}
+_TOWERS = {"name": Opt(str, choices=("dlrm", "dcnv2")), "bottom_mlp": Opt(list), "top_mlp": Opt(list)}
+MODEL = {  # by model.name
+    "dlrm": _TOWERS,
+    "dcnv2": {**_TOWERS, "cross_layers": Opt(int, min=1), "low_rank": Opt(int, min=1)},
+}
+OPTIM = {
+    "dense": {"name": Opt(str, choices=("adam", "adagrad", "sgd")), "lr": Opt(float, min=0)},
+    # the fused fbgemm optimizers that train tables on CPU (Adam is GPU-only there)
+    "sparse": {
+        "name": Opt(str, choices=("rowwise_adagrad", "sgd", "adagrad")),
+        "lr": Opt(float, min=0),
+        "eps": Opt(float, min=0),
+    },
+}
 
 
 def get_dotted(cfg, key: str):
@@ -69,22 +110,23 @@ def _hashable(v):
 
 
 def validate(cfg: DictConfig) -> None:
-    for key, (kind, minimum) in CHECKS.items():
-        value = get_dotted(cfg, key)
-        ok = isinstance(value, kind) and not isinstance(value, bool)
-        if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok:
-            raise ConfigError(f"{key}={value!r} must be {'a number' if kind is float else 'an integer'}")
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"{key}={value!r} must be >= {minimum}")
+    """Check the whole composed config before any work; raise ConfigError naming the key.
+
+    Types, ranges and choices of every group's keys, and keys no schema knows (e.g. added with
+    `+trainer.max_step=10`). Hydra itself already refuses unknown groups and plain overrides of
+    keys that do not exist."""
+    groups = {"emb", "data", "model", "optim", "trainer", "hydra"}
+    check_options({k: v for k, v in cfg.items() if k not in groups}, TOP, "")
+    check_options(cfg.trainer, TRAINER, "trainer")
     metric = cfg.trainer.metric
     for m in [metric] if isinstance(metric, str) else list(metric):
         if m not in METRICS:
             raise ConfigError(f"trainer.metric={m!r}: choose from {list(METRICS)} (or a list of them)")
-    resume = cfg.trainer.get("resume")
-    if resume is not None and not isinstance(resume, str):
-        raise ConfigError(f"trainer.resume={resume!r} must be a run directory or checkpoint path")
-    for key, choices in CHOICES.items():
-        if get_dotted(cfg, key) not in choices:
-            raise ConfigError(f"{key}={get_dotted(cfg, key)!r}: choose one of {list(choices)}")
+    data_schema = DATA.get(cfg.data.name, DATA["parquet"])  # criteo_* are parquet datasets
+    check_options(cfg.data, data_schema, "data")
+    Opt(str, choices=tuple(MODEL)).check("model.name", cfg.model.name)
+    check_options(cfg.model, MODEL[cfg.model.name], "model")
+    for part in ("dense", "sparse"):
+        check_options(cfg.optim[part], OPTIM[part], f"optim.{part}")
+    check_options(cfg.optim, {"dense": Opt(dict), "sparse": Opt(dict)}, "optim")
+    Opt(int, min=1).check("emb.dim", cfg.emb.dim)

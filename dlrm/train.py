@@ -125,6 +125,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.memory(state.step, emb_bytes, device)  # a last probe after the final eval
     results = {
         "backend": cfg.emb.name,
+        "model": cfg.model.name,
         **metrics,
         "steps": state.step,
         "samples": state.samples,

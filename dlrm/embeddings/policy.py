@@ -38,19 +38,21 @@ def resolve_table(name: str, tables: list[TableSpec], key: str) -> TableSpec | N
     return None
 
 
-def compressed_tables(tables: list[TableSpec], tables_cfg, min_rows: int) -> list[TableSpec]:
-    """The tables the policy hands to the compressing backend: those named in `tables_cfg`
-    (`emb.tables`, features or table names) if it is non-empty, else those with >= `min_rows` rows.
+def compressed_tables(tables: list[TableSpec], settings) -> list[TableSpec]:
+    """The tables the policy hands to a compressing backend, from its settings (the emb section):
+    those named in `emb.tables` (by feature) if it is non-empty, else those with at least
+    `emb.min_rows` rows. A backend whose settings have neither key takes every table.
     Raises ValueError naming unknown names."""
-    if tables_cfg:
-        chosen = []
-        for name in tables_cfg:
-            t = resolve_table(str(name), tables, "emb.tables")
-            if t is None:
-                raise ValueError(f"emb.tables names unknown tables/features ['{name}']")
-            chosen.append(t)
-        return [t for t in tables if t in chosen]
-    return [t for t in tables if t.rows >= min_rows]
+    named = settings.tables if "tables" in settings else None
+    if named:
+        found = {str(n): resolve_table(str(n), tables, "emb.tables") for n in named}
+        unknown = [n for n, t in found.items() if t is None]
+        if unknown:
+            raise ValueError(f"emb.tables names unknown tables/features {unknown}")
+        return [t for t in tables if t in found.values()]
+    if "min_rows" not in settings:
+        return list(tables)
+    return [t for t in tables if t.rows >= settings.min_rows]
 
 
 class SplitEmbeddings(EmbeddingBackend):

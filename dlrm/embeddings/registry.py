@@ -47,11 +47,7 @@ def build_embeddings(
     backend = BACKENDS[cfg.name]
     runtime = runtime or Runtime()
     check_rows_precision(cfg)
-    if cfg.name == "full":
-        chosen = tables
-    else:
-        settings = backend.settings(cfg)
-        chosen = compressed_tables(tables, settings.get("tables"), settings.get("min_rows", 0))
+    chosen = tables if backend is FullEmbeddings else compressed_tables(tables, backend.settings(cfg))
     rest = [t for t in tables if t not in chosen]
     parts = []
     if chosen:
