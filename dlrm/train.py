@@ -9,6 +9,7 @@ Returns the sweep metric (`trainer.metric`, eval AUC by default) for Hydra sweep
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -29,8 +30,10 @@ from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
 from dlrm.embeddings import Runtime
+from dlrm.embeddings.budget import BudgetUnreachable
+from dlrm.io import atomic_write_text
 from dlrm.model import resolve_precision
-from dlrm.telemetry import Telemetry
+from dlrm.telemetry import RESULTS_FILE, Telemetry
 from dlrm.trainer import Trainer
 
 log = logging.getLogger("dlrm")
@@ -103,7 +106,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     )
     eval_data = ParquetLoader(path, cfg.data.eval_split, shuffle=False, **loader_args)
     cardinalities = {f: train_data.cardinalities[f] for f in SPARSE}
-    model = build_model(cfg, cardinalities, device, train_data.dense_width, runtime)
+    on_unreachable = cfg.emb.get("budget_unreachable", "fail")
+    if on_unreachable not in ("fail", "record"):
+        raise ConfigError(f"emb.budget_unreachable={on_unreachable!r}: choose one of ['fail', 'record']")
+    try:
+        model = build_model(cfg, cardinalities, device, train_data.dense_width, runtime)
+    except BudgetUnreachable as e:
+        if on_unreachable == "fail":
+            raise
+        return record_unreachable(cfg, e, out_dir, t_start)
     embeddings, precision = model.sparse_arch, resolve_precision(cfg.trainer.precision, device)
     tele = Telemetry(out_dir)
     tele.text("config", OmegaConf.to_yaml(cfg))
@@ -125,6 +136,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.memory(state.step, emb_bytes, device)  # a last probe after the final eval
     results = {
         "backend": cfg.emb.name,
+        "budget": cfg.emb.get("budget"),
         "model": cfg.model.name,
         **metrics,
         "steps": state.step,
@@ -145,6 +157,22 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.hparams(_hparams(cfg), {k: results[k] for k in ("auc", "logloss", "ne", "compression_ratio")})
     tele.write_results(results)
     tele.close()
+    return results
+
+
+def record_unreachable(cfg: DictConfig, e: BudgetUnreachable, out_dir: Path, t_start: float) -> dict:
+    """emb.budget_unreachable=record: results.json says the cell is unreachable and why (no
+    training), so a sweep's report shows it as such; the run then ends normally."""
+    results = {
+        "backend": cfg.emb.name,
+        "budget": e.budget,
+        "unreachable": True,
+        "reason": str(e),
+        "best_ratio": e.best,
+        "wall_s": time.time() - t_start,
+    }
+    log.warning("%s: recorded as unreachable, not trained", e)
+    atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
 
 
@@ -191,6 +219,9 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)  # one clear line for bad input
         sys.exit(2)
+    if results.get("unreachable"):
+        print(f"not trained: {results['reason']} (recorded in {out_dir / 'results.json'})")
+        return float("nan")
     print(summary(results, out_dir))
     return sweep_metric(results, cfg.trainer.metric)
 

@@ -73,6 +73,37 @@ def block_dims(freq: list[float], dim: int, alpha: float, scale: float, min_dim:
     return [int(min(dim, max(min_dim, ALIGN * round(w / ALIGN)))) for w in widths]
 
 
+def check_dims(dims: list[int], bounds: list[int], table: TableSpec) -> None:
+    """A one-line error naming emb.dims.<feature> unless `dims` gives one fbgemm-aligned width
+    in [ALIGN, dim] per block of `bounds`."""
+    if len(dims) != len(bounds) - 1 or not all(0 < d <= table.dim and d % ALIGN == 0 for d in dims):
+        raise ValueError(
+            f"emb.dims.{table.features[0]}={dims}: needs {len(bounds) - 1} widths, multiples of "
+            f"{ALIGN} in [{ALIGN}, {table.dim}] (blocks of ranks {bounds})"
+        )
+
+
+def merge_blocks(bounds: list[int], dims: list[int]) -> tuple[list[int], list[int]]:
+    """Neighbouring blocks of one width become one block (fewer head ids to index).
+
+    >>> merge_blocks([0, 2, 10, 50, 100], [16, 4, 4, 4])
+    ([0, 2, 100], [16, 4])
+    """
+    keep = [k for k in range(1, len(dims)) if dims[k] != dims[k - 1]]
+    return [0, *(bounds[k] for k in keep), bounds[-1]], [dims[0], *(dims[k] for k in keep)]
+
+
+def mde_bytes(rows: int, dim: int, bounds: list[int], dims: list[int], row_cost, proj_optimizer: str) -> int:
+    """Bytes `MDEEmbeddings.embedding_bytes` counts for one table with merged `bounds`/`dims`:
+    block rows (`row_cost(width)` bytes each, weights + fused state; the last block has `rows`
+    rows), 16 bytes per head id, the [sum(dims), dim] projection (x2 with Adagrad's sum, plus its
+    4-byte step)."""
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    table = sum(n * row_cost(d) for n, d in zip(sizes[:-1] + [rows], dims))
+    proj = sum(dims) * dim * 4
+    return table + 16 * sum(sizes[:-1]) + (2 * proj + 4 if proj_optimizer == "adagrad" else proj)
+
+
 def block_freqs(counts: np.ndarray, bounds: list[int]) -> list[float]:
     """Mean count per id of each block of `counts` (sorted, most frequent first)."""
     return [float(counts[a:b].mean()) for a, b in zip(bounds, bounds[1:])]
@@ -124,15 +155,8 @@ class MDEEmbeddings(EmbeddingBackend):
             dims = dims_given.get(t.name) or block_dims(
                 block_freqs(counts, bounds), t.dim, float(cfg.alpha), float(cfg.scale), min_dim
             )
-            if len(dims) != len(bounds) - 1 or not all(0 < d <= t.dim and d % ALIGN == 0 for d in dims):
-                raise ValueError(
-                    f"emb.dims.{t.features[0]}={dims}: needs {len(bounds) - 1} widths, multiples of "
-                    f"{ALIGN} in [{ALIGN}, {t.dim}] (blocks of ranks {bounds})"
-                )
-            # Neighbouring blocks of one width are one block: fewer head ids to index.
-            keep = [k for k in range(1, len(dims)) if dims[k] != dims[k - 1]]
-            bounds = [0, *(bounds[k] for k in keep), t.rows]
-            dims = [dims[0], *(dims[k] for k in keep)]
+            check_dims(dims, bounds, t)
+            bounds, dims = merge_blocks(bounds, dims)
             sizes = [b - a for a, b in zip(bounds, bounds[1:])]
             self.block_rows[t.name] = sizes[:-1] + [t.rows]
             self.block_dims[t.name] = list(dims)

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec
+from dlrm.embeddings.budget import apply_budget
 from dlrm.embeddings.cached import CachedEmbeddings
 from dlrm.embeddings.full import Fp16Embeddings, FullEmbeddings
 from dlrm.embeddings.hashed import HashedEmbeddings
@@ -47,6 +48,8 @@ def build_embeddings(
     backend = BACKENDS[cfg.name]
     runtime = runtime or Runtime()
     check_rows_precision(cfg)
+    if cfg.get("budget") is not None:  # the backend's per-table knobs, chosen to fit (budget.py)
+        cfg = apply_budget(tables, cfg, optim, backend, runtime)
     chosen = tables if backend is FullEmbeddings else compressed_tables(tables, backend.settings(cfg))
     rest = [t for t in tables if t not in chosen]
     parts = []
@@ -60,7 +63,10 @@ def build_embeddings(
 def _full_settings(cfg: DictConfig) -> DictConfig:
     """The keys of `cfg` that `full` reads (the common table keys) for the tables left full."""
     keys = ("dim", "pooling", "check_ids", "weights_precision")
-    return DictConfig({k: cfg[k] for k in keys if k in cfg})
+    out = DictConfig({k: cfg[k] for k in keys if k in cfg})
+    if cfg.name == "fp16":  # emb=fp16 stores its tables in fp16; the ones it leaves stay fp32
+        out.weights_precision = "fp32"
+    return out
 
 
 # Backends whose own rows are fbgemm rows, so emb.weights_precision applies to them.
