@@ -129,4 +129,8 @@ def validate(cfg: DictConfig) -> None:
     for part in ("dense", "sparse"):
         check_options(cfg.optim[part], OPTIM[part], f"optim.{part}")
     check_options(cfg.optim, {"dense": Opt(dict), "sparse": Opt(dict)}, "optim")
-    Opt(int, min=1).check("emb.dim", cfg.emb.dim)
+    # Each backend declares its own emb.* options, beside its code. Imported here, on use, so that
+    # `dlrm.config` stays light (dlrm.report imports it without torch or fbgemm).
+    from dlrm.embeddings.registry import check_emb_config
+
+    check_emb_config(cfg.emb)

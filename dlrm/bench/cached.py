@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.bench.common import zipf_ids, zipf_kjt
 from dlrm.data.schema import KAGGLE_CARDINALITIES, SPARSE

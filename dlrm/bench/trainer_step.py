@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 
 from dlrm.build import build_model

@@ -30,7 +30,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from dlrm.options import Opt, check_options
+
 FP32_BYTES = 4
+POOLINGS = ("sum", "mean")  # how a multi-hot bag's rows are pooled
+# The keys every backend's emb section has (conf/emb/full.yaml); backends add their own.
+TABLE_OPTIONS: dict[str, Opt] = {
+    "name": Opt(str),
+    "dim": Opt(int, min=1),
+    "pooling": Opt(str, choices=POOLINGS),
+    "check_ids": Opt(bool),
+    "weights_precision": Opt(str),  # fp32 | fp16; tables.check_weights_precision says why not int8
+    "budget": Opt(float, min=1, nullable=True),  # budget.py
+    "budget_unreachable": Opt(str, choices=("fail", "record")),
+}
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -96,6 +109,9 @@ class EmbeddingBackend(nn.Module, ABC):
     name: str = "?"
     # conf/emb/<config_name>.yaml holds this backend's settings and their defaults (None: `name`).
     config_name: str | None = None
+    # Every emb.* key this backend reads, with its type, range or choices (dlrm/options.py);
+    # `check_config` checks a whole emb section against it (unknown keys too) in validate().
+    options: dict[str, Opt] = TABLE_OPTIONS
 
     def __init__(self, tables: list[TableSpec]) -> None:
         super().__init__()
@@ -106,9 +122,19 @@ class EmbeddingBackend(nn.Module, ABC):
     @classmethod
     def settings(cls, cfg: DictConfig) -> DictConfig:
         """`cfg` (the `emb` section, resolved) over the defaults of this backend's YAML file, so a
-        backend built from a partial config reads every key it needs from the YAML."""
+        backend built from a partial config reads every key it needs from the YAML. The values
+        of its declared `options` are checked (ConfigError, a ValueError, naming `emb.<key>`);
+        keys it does not declare are left to `check_config` (the whole-config validation)."""
         given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        return OmegaConf.merge(yaml_defaults(cls.config_name or cls.name), given)
+        merged = OmegaConf.merge(yaml_defaults(cls.config_name or cls.name), given)
+        check_options({k: v for k, v in merged.items() if k in cls.options}, cls.options, "emb")
+        return merged
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Check a composed emb section: every key declared in `options`, each value fits.
+        Raises ConfigError naming `emb.<key>`."""
+        check_options(cfg, cls.options, "emb")
 
     @abstractmethod
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec, check_ids_in_range
+from dlrm.embeddings.policy import POLICY_OPTIONS
 from dlrm.embeddings.tables import fused_tables, tbe_bytes
 
 
@@ -57,3 +58,4 @@ class Fp16Embeddings(FullEmbeddings):
     results.json."""
 
     name = "fp16"
+    options = POLICY_OPTIONS

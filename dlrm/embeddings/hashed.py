@@ -37,10 +37,11 @@ import zlib
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.embeddings.base import Runtime, TableSpec, per_table
-from dlrm.embeddings.remap import RemappedTables, check_compression, collision_stats, rates, table_overrides
+from dlrm.embeddings.remap import REMAP_OPTIONS, RemappedTables, collision_stats, rates, table_overrides
+from dlrm.options import Opt
 
 PRIME = 4_294_967_291  # 2^32 - 5, the largest prime below 2^32
 LIMB_BITS = 30
@@ -77,6 +78,12 @@ class HashedEmbeddings(RemappedTables):
     """Hashing trick: ids hashed into `ceil(rows / compression)` rows (or `emb.buckets[feature]`)."""
 
     name = "hashed"
+    options = {
+        **REMAP_OPTIONS,
+        "buckets": Opt(dict, nullable=True),
+        "hash_seed": Opt(int, min=0),
+        "stats_per_table": Opt(bool),
+    }
 
     def __init__(
         self,
@@ -88,12 +95,9 @@ class HashedEmbeddings(RemappedTables):
     ) -> None:
         super().__init__(tables)
         cfg = self.settings(cfg)
-        compression = check_compression(cfg.compression)
         overrides = table_overrides(cfg.buckets, "buckets", self.tables)
-        self.buckets = [overrides.get(t.name, math.ceil(t.rows / compression)) for t in self.tables]
+        self.buckets = [overrides.get(t.name, math.ceil(t.rows / cfg.compression)) for t in self.tables]
         seed = cfg.hash_seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"emb.hash_seed={seed!r}: must be an integer >= 0")
         self.physical_tables = [
             TableSpec(t.name, rows=n, dim=t.dim, features=t.features)
             for t, n in zip(self.tables, self.buckets)

@@ -39,7 +39,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dlrm.embeddings.base import Runtime, TableSpec, check_ids_in_range, per_table
 from dlrm.embeddings.frequency import counts_source, frequency_order
 from dlrm.embeddings.hashed import hash_coefficients, universal_hash
-from dlrm.embeddings.remap import RemappedTables, check_compression, collision_stats, rates, table_overrides
+from dlrm.embeddings.remap import (
+    REMAP_OPTIONS,
+    RemappedTables,
+    collision_stats,
+    rates,
+    table_overrides,
+)
+from dlrm.options import Opt
 
 KEY_BITS = 40  # hot ids are keyed table_index << 40 | id: tables up to 2^40 rows
 
@@ -59,6 +66,14 @@ class HybridEmbeddings(RemappedTables):
     """Hot ids in exact rows, the rest hashed into shared buckets (see the module doc)."""
 
     name = "hybrid"
+    options = {
+        **REMAP_OPTIONS,
+        "hot_share": Opt(float, min=0),
+        "hot_rows": Opt(dict, nullable=True),
+        "buckets": Opt(dict, nullable=True),
+        "counts": Opt(str, nullable=True),
+        "hash_seed": Opt(int, min=0),
+    }
 
     def __init__(
         self,
@@ -70,9 +85,8 @@ class HybridEmbeddings(RemappedTables):
     ) -> None:
         super().__init__(tables)
         cfg = self.settings(cfg)
-        compression = check_compression(cfg.compression)
-        share = cfg.hot_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        compression, share = cfg.compression, cfg.hot_share  # types and minimums: `options`
+        if share > 1:
             raise ValueError(f"emb.hot_share={share!r}: must be a number in [0, 1]")
         big = [t.name for t in self.tables if t.rows >= 1 << KEY_BITS]
         if big:
@@ -101,8 +115,6 @@ class HybridEmbeddings(RemappedTables):
         starts = np.cumsum([0] + self.hot[:-1])
         table_of_feature = [i for i, t in enumerate(self.tables) for _ in t.features]
         seed = cfg.hash_seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"emb.hash_seed={seed!r}: must be an integer >= 0")
         params = torch.tensor(
             [hash_coefficients(seed, t.name) + [b, h, i << KEY_BITS, s]
              for i, (t, h, b, s) in enumerate(zip(self.tables, self.hot, self.buckets, starts))],

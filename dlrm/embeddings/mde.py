@@ -42,8 +42,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec, check_ids_in_range
 from dlrm.embeddings.frequency import counts_source, frequency_order
-from dlrm.embeddings.policy import resolve_table
+from dlrm.embeddings.policy import POLICY_OPTIONS, resolve_table
 from dlrm.embeddings.tables import fused_tables, init_uniform_, tbe_bytes
+from dlrm.options import Opt
 
 KEY_BITS = 40  # head ids are keyed table_index << 40 | id
 OPTIMIZERS = ("adagrad", "sgd")
@@ -113,6 +114,18 @@ class MDEEmbeddings(EmbeddingBackend):
     """Frequency blocks of per-block width, each projected to `dim` (see the module doc)."""
 
     name = "mde"
+    options = {
+        **POLICY_OPTIONS,
+        "blocks": Opt(int, min=1),
+        "alpha": Opt(float),
+        "scale": Opt(float),
+        "min_dim": Opt(int, min=1),
+        "dims": Opt(dict, nullable=True),
+        "counts": Opt(str, nullable=True),
+        "optimizer": Opt(str, choices=OPTIMIZERS),
+        "lr": Opt(float, min=0),
+        "eps": Opt(float, min=0),
+    }
 
     def __init__(
         self,
@@ -127,15 +140,12 @@ class MDEEmbeddings(EmbeddingBackend):
         self.pooling = cfg.pooling
         if self.pooling not in ("sum", "mean"):
             raise ValueError(f"emb.pooling={self.pooling!r}: choose one of ['mean', 'sum']")
-        for key, low in (("alpha", 0.0), ("scale", 0.0)):
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low:
-                raise ValueError(f"emb.{key}={v!r}: must be a number > {low:g}")
+        for key in ("alpha", "scale"):  # types and the rest: `options`
+            if not cfg[key] > 0:
+                raise ValueError(f"emb.{key}={cfg[key]!r}: must be a number > 0")
         blocks, min_dim = cfg.blocks, cfg.min_dim
-        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-            raise ValueError(f"emb.blocks={blocks!r}: must be an integer >= 1")
         dim = max(t.dim for t in self.tables)
-        if not isinstance(min_dim, int) or isinstance(min_dim, bool) or not ALIGN <= min_dim <= dim or min_dim % ALIGN:
+        if not ALIGN <= min_dim <= dim or min_dim % ALIGN:
             raise ValueError(f"emb.min_dim={min_dim!r}: must be a multiple of {ALIGN} in [{ALIGN}, emb.dim={dim}]")
         shared = [t.name for t in self.tables if len(t.features) != 1]
         if shared:  # virtual features are numbered feature-major, one feature per table
@@ -189,8 +199,6 @@ class MDEEmbeddings(EmbeddingBackend):
             }
         )
         self.optimizer_name = cfg.optimizer
-        if self.optimizer_name not in OPTIMIZERS:
-            raise ValueError(f"emb.optimizer={self.optimizer_name!r}: choose one of {list(OPTIMIZERS)}")
         params = list(self.projections.parameters())
         if self.optimizer_name == "adagrad":
             self._optimizer = torch.optim.Adagrad(params, lr=float(cfg.lr), eps=float(cfg.eps), fused=True)

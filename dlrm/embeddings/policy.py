@@ -17,7 +17,15 @@ import warnings
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from dlrm.embeddings.base import EmbeddingBackend, TableSpec
+from dlrm.embeddings.base import TABLE_OPTIONS, EmbeddingBackend, TableSpec
+from dlrm.options import Opt
+
+# The keys of a backend that compresses only some tables (the rest stay full): the policy's.
+POLICY_OPTIONS: dict[str, Opt] = {
+    **TABLE_OPTIONS,
+    "min_rows": Opt(int, min=0),
+    "tables": Opt(list, nullable=True),
+}
 
 
 def resolve_table(name: str, tables: list[TableSpec], key: str) -> TableSpec | None:

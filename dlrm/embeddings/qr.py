@@ -42,7 +42,8 @@ from omegaconf import DictConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.embeddings.base import Runtime, TableSpec, check_ids_in_range, per_table
-from dlrm.embeddings.remap import RemappedTables, check_compression, collision_stats, rates, table_overrides
+from dlrm.embeddings.remap import REMAP_OPTIONS, RemappedTables, collision_stats, rates, table_overrides
+from dlrm.options import Opt
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class QREmbeddings(RemappedTables):
     compressed table (`physical_tables`); `forward` then combines the two rows."""
 
     name = "qr"
+    options = {**REMAP_OPTIONS, "combiner": Opt(str, choices=COMBINERS), "m": Opt(dict, nullable=True)}
 
     def __init__(
         self,
@@ -103,8 +105,6 @@ class QREmbeddings(RemappedTables):
         super().__init__(tables)
         cfg = self.settings(cfg)
         self.combiner = cfg.combiner
-        if self.combiner not in COMBINERS:
-            raise ValueError(f"emb.combiner={self.combiner!r}: choose one of {list(COMBINERS)}")
         shared = [t.name for t in self.tables if len(t.features) != 1]
         if shared:  # the per-feature [Q, R] layout below assumes one feature per table
             raise ValueError(f"emb=qr: tables {shared} are shared by several features; qr takes one feature per table")
@@ -116,7 +116,7 @@ class QREmbeddings(RemappedTables):
             raise ValueError(f"emb.dim={self.dim}: combiner=concat splits it in halves, so it must be even")
         self.width = self.dim // 2 if self.combiner == "concat" else self.dim
 
-        compression = check_compression(cfg.compression)
+        compression = float(cfg.compression)
         overrides = table_overrides(cfg.m, "m", self.tables)
         self.m = []
         for t in self.tables:

@@ -20,6 +20,7 @@ from dlrm.embeddings.mde import MDEEmbeddings
 from dlrm.embeddings.policy import SplitEmbeddings, compressed_tables
 from dlrm.embeddings.qr import QREmbeddings
 from dlrm.embeddings.tt import TTEmbeddings
+from dlrm.options import Opt
 
 BACKENDS: dict[str, type[EmbeddingBackend]] = {
     "full": FullEmbeddings,
@@ -31,6 +32,14 @@ BACKENDS: dict[str, type[EmbeddingBackend]] = {
     "hybrid": HybridEmbeddings,
     "mde": MDEEmbeddings,
 }
+
+
+def check_emb_config(cfg: DictConfig) -> None:
+    """Check a composed `emb` section before any work: `emb.name` is a known backend and every key
+    is one that backend declares (its `options`), with a value of the right type, range or choice.
+    Raises ConfigError naming `emb.<key>`; `dlrm.config.validate` calls it."""
+    Opt(str, choices=tuple(BACKENDS)).check("emb.name", cfg.name)
+    BACKENDS[cfg.name].check_config(cfg)
 
 
 def build_embeddings(

@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend, TableSpec
-from dlrm.embeddings.policy import resolve_table
+from dlrm.embeddings.policy import POLICY_OPTIONS, resolve_table
+from dlrm.options import Opt
 from dlrm.embeddings.tables import fused_tables, tbe_bytes
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,8 @@ class RemappedTables(EmbeddingBackend):
         return tbe_bytes(self.tbe)
 
 
-def check_compression(value) -> float:
-    """`emb.compression` as a float >= 1, or a one-line error naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
-        raise ValueError(f"emb.compression={value!r}: must be a number >= 1 (rows per compressed row)")
-    return float(value)
+# The keys hashed and qr share: the policy's, and rows per compressed row.
+REMAP_OPTIONS: dict[str, Opt] = {**POLICY_OPTIONS, "compression": Opt(float, min=1)}
 
 
 def table_overrides(given, key: str, tables: list[TableSpec]) -> dict[str, int]:

@@ -28,7 +28,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 )
 from omegaconf import DictConfig
 
-from dlrm.embeddings.base import TableSpec
+from dlrm.embeddings.base import POOLINGS, TableSpec
 
 # Optimizers fbgemm runs fused on CPU (Adam is GPU-only there).
 FUSED_OPTIMIZERS = {
@@ -38,7 +38,7 @@ FUSED_OPTIMIZERS = {
 }
 # Optimizer state floats per row of each fused optimizer (None: one per column, = dim).
 STATE_WIDTH = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": None}
-POOLING = {"sum": PoolingMode.SUM, "mean": PoolingMode.MEAN}
+POOLING = dict(zip(POOLINGS, (PoolingMode.SUM, PoolingMode.MEAN)))
 # emb.weights_precision: how table rows are stored; lookups return fp32 and optimizer state stays
 # fp32. fbgemm's CPU kernel applies an fp16 row's update in fp16: w <- fp16(w - fp16(lr * g))
 # (tests/test_fp16.py), so an update below half an fp16 ulp of the weight is lost. INT8 rows

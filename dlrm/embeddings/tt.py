@@ -23,10 +23,21 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec, check_ids_in_range, per_table
-from dlrm.embeddings.policy import resolve_table
+from dlrm.embeddings.policy import POLICY_OPTIONS, resolve_table
 from dlrm.embeddings.tt_kernels import TTShape, init_cores, pool, tt_rows, tt_shape
+from dlrm.options import Opt
 
 OPTIMIZERS = ("adagrad", "sgd")
+# The TT settings proper (also the keys of emb.tt under emb=cached emb.store=tt).
+TT_OPTIONS: dict[str, Opt] = {
+    "rank": Opt(int, min=1),
+    "ranks": Opt(list, nullable=True),
+    "cores": Opt(int, min=2),
+    "shapes": Opt(dict, nullable=True),
+    "optimizer": Opt(str, choices=OPTIMIZERS),
+    "lr": Opt(float, min=0),
+    "eps": Opt(float, min=0),
+}
 SHAPE_KEYS = {"rows", "dims", "ranks"}
 
 
@@ -74,6 +85,7 @@ class TTEmbeddings(EmbeddingBackend):
     """TT-compressed tables: lookups through tt_kernels, cores stepped by `optimizers()`."""
 
     name = "tt"
+    options = {**POLICY_OPTIONS, **TT_OPTIONS}
 
     def __init__(
         self,
@@ -86,8 +98,6 @@ class TTEmbeddings(EmbeddingBackend):
         super().__init__(tables)
         cfg = self.settings(cfg)
         self.pooling = cfg.pooling
-        if self.pooling not in ("sum", "mean"):
-            raise ValueError(f"emb.pooling={self.pooling!r}: choose one of ['mean', 'sum']")
         self.shapes = table_shapes(self.tables, cfg)
         # One ParameterList per table, so state_dict keys read cores.t_C3.0, cores.t_C3.1, ...
         self.cores = nn.ModuleDict(
@@ -99,10 +109,6 @@ class TTEmbeddings(EmbeddingBackend):
             }
         )
         self.optimizer_name = cfg.optimizer
-        if self.optimizer_name not in OPTIMIZERS:
-            raise ValueError(
-                f"emb.optimizer={self.optimizer_name!r}: choose one of {list(OPTIMIZERS)}"
-            )
         lr = float(cfg.lr)
         params = list(self.cores.parameters())
         # fused: one pass per tensor; for the 7 Kaggle tables at rank 32 (2.3M entries) the fused

@@ -22,11 +22,13 @@ from omegaconf import DictConfig
 
 from dlrm.embeddings.base import Runtime, TableSpec
 from dlrm.embeddings.cached.cache import HotRowCache
+from dlrm.embeddings.cached.slots import STORE_KINDS
 from dlrm.embeddings.cached.tt_cache import TTHotRowCache
 from dlrm.embeddings.cached.write_back import WriteBackCache
 
 # emb.store -> the cache algorithm that serves it.
 STORES: dict[str, type[HotRowCache]] = {"host": WriteBackCache, "disk": WriteBackCache, "tt": TTHotRowCache}
+assert set(STORES) == set(STORE_KINDS)
 
 
 class CachedEmbeddings(HotRowCache):
@@ -43,9 +45,7 @@ class CachedEmbeddings(HotRowCache):
         device: torch.device,
         runtime: Runtime | None = None,
     ):
-        store = cls.settings(cfg).store
-        if store not in STORES:
-            raise ValueError(f"emb.store={store!r}: choose one of {list(STORES)}")
+        store = cls.settings(cfg).store  # checked against STORE_KINDS
         return STORES[store](tables, cfg, optim, device, runtime)
 
 

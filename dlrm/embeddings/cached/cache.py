@@ -21,8 +21,11 @@ from omegaconf import DictConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec, per_table
-from dlrm.embeddings.cached.slots import POLICIES, WARM_STARTS, TableSlots, cache_sizes, warm_start
+from dlrm.embeddings.cached.slots import POLICIES, STORE_KINDS, WARM_STARTS, TableSlots, cache_sizes, warm_start
+from dlrm.embeddings.policy import POLICY_OPTIONS
 from dlrm.embeddings.tables import STATE_WIDTH, check_fused_optimizer, fused_tables, tbe_bytes
+from dlrm.embeddings.tt import TT_OPTIONS
+from dlrm.options import Opt, check_options
 
 
 class HotRowCache(EmbeddingBackend):
@@ -34,6 +37,22 @@ class HotRowCache(EmbeddingBackend):
     """
 
     name = "cached"
+    options = {
+        **POLICY_OPTIONS,
+        "store": Opt(str, choices=STORE_KINDS),
+        "cache_rows": Opt(int, min=1, nullable=True),
+        "cache_fraction": Opt(float, min=0, nullable=True),
+        "policy": Opt(str, choices=POLICIES),
+        "warm_start": Opt(str, choices=WARM_STARTS),
+        "counts": Opt(str, nullable=True),
+        "path": Opt(str, nullable=True),
+        "random_access": Opt(bool),
+        "durable": Opt(bool),
+        "tt_populate_step": Opt(int, min=0),
+        "shrink_after": Opt(int, min=0),
+        "evict_sample": Opt(int, min=0),
+        "tt": Opt(dict),
+    }
     tbe_pooling_sum = False  # True: the TBE always sums (a subclass pools/divides itself)
     _COUNTERS: tuple[str, ...] = ("step", "_hits", "_lookups", "_evictions", "_bytes_moved", "_grows", "_batches")
 
@@ -51,10 +70,6 @@ class HotRowCache(EmbeddingBackend):
         self.device, self.optim = device, optim
         self.pooling, self.check_ids = cfg.pooling, cfg.check_ids
         self.policy = cfg.policy
-        if self.policy not in POLICIES:
-            raise ValueError(f"emb.policy={self.policy!r}: choose one of {list(POLICIES)}")
-        if cfg.warm_start not in WARM_STARTS:
-            raise ValueError(f"emb.warm_start={cfg.warm_start!r}: choose one of {list(WARM_STARTS)}")
         check_fused_optimizer(optim)
         width = STATE_WIDTH[optim.name]
         if width is None:  # element-wise Adagrad: one state float per column
@@ -74,6 +89,11 @@ class HotRowCache(EmbeddingBackend):
         self.start(ranking)
         ref = weakref.ref(self)
         atexit.register(lambda: (m := ref()) is not None and m.flush_at_exit and m.flush())
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        super().check_config(cfg)
+        check_options(cfg.tt, TT_OPTIONS, "emb.tt")  # the cold rows' TT settings (store=tt)
 
     # ------------------------------------------------------------------ what subclasses say
 

@@ -14,6 +14,7 @@ from dlrm.embeddings.base import TableSpec
 
 POLICIES = ("lfu", "lru")
 WARM_STARTS = ("auto", "counts", "ids", "none")
+STORE_KINDS = ("host", "disk", "tt")  # emb.store; cached/__init__.py maps each to its cache
 
 
 class TableSlots:

@@ -75,8 +75,6 @@ class WriteBackCache(HotRowCache):
             )
         self.shrink_after = int(cfg.shrink_after)
         self.evict_sample = int(cfg.evict_sample)
-        if self.evict_sample < 0:
-            raise ValueError(f"emb.evict_sample={self.evict_sample}: must be >= 0 (0 = exact scan)")
         self._fit_streak = 0
 
     def start(self, ranking: dict[str, torch.Tensor]) -> None:
