@@ -71,13 +71,6 @@ class BudgetUnreachable(ValueError):
 Cost = Callable[[TableSpec, float], tuple[int, object]]  # (table, ratio c) -> (bytes, knob)
 
 
-def check_budget(value) -> float:
-    """`emb.budget` as a float >= 1, or a one-line error naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
-        raise ValueError(f"emb.budget={value!r}: must be a compression ratio >= 1 (or null: off)")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class Plan:
     """What `plan_budget` chose: the emb config with the knobs written in, the compressed tables'
@@ -112,7 +105,7 @@ def plan_budget(
     cannot come within TOLERANCE of the budget, ValueError for a config that sets a knob the
     budget chooses, or for a backend without a budget model (cached)."""
     settings = backend.settings(cfg)
-    budget, name = check_budget(settings.budget), settings.name
+    budget, name = float(settings.budget), settings.name  # >= 1: TABLE_OPTIONS
     precision = settings.get("weights_precision", "fp32")
     keep = {t.name: t.rows * row_bytes(t.dim, optim.name, precision) for t in tables}  # left full
     full = sum(t.full_bytes() for t in tables)
