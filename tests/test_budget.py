@@ -93,3 +93,30 @@ def test_run_records_budget_and_reached_ratio(compose_cfg, tiny_dataset, tmp_pat
     on_disk = json.loads((tmp_path / "rec" / "results.json").read_text())
     assert on_disk == recorded and on_disk["unreachable"] is True and on_disk["budget"] == 10
     assert "emb=fp16 reaches at most 1.89x" in on_disk["reason"] and np.isclose(on_disk["best_ratio"], 68 / 36)
+
+
+def test_grid_recipe_lists_every_cell_and_records_unreachable_ones(data_root, tiny_dataset, tmp_path):
+    """+experiment=compression_grid: its point list composes (every file exists), an unreachable
+    cell writes results.json {unreachable: true} and exits 0 without training."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import tiny_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = OmegaConf.load(root / "conf/experiment/compression_grid.yaml")
+    points = [p.strip() for p in recipe.hydra.sweeper.params["+experiment/compression_grid"].split(",")]
+    files = sorted(p.stem for p in (root / "conf/experiment/compression_grid").glob("*.yaml"))
+    assert sorted(points) == files and len(points) == 25
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlrm.train", "-m", "+experiment=compression_grid", *tiny_overrides(data_root),
+         "+experiment/compression_grid=fp16_x10,hybrid_x10", "seed=1", "trainer.max_steps=3",
+         f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cells = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in (0, 1)]
+    assert cells[0]["unreachable"] is True and "emb=fp16 reaches at most 1.89x" in cells[0]["reason"]
+    assert "auc" not in cells[0]
+    assert cells[1]["backend"] == "hybrid" and cells[1]["budget"] == 10 and 9 <= cells[1]["compression_ratio"] <= 11
