@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Criteo text (Kaggle train.txt, Terabyte day_N, plain or .gz) -> parquet: see dlrm/data/preprocess.py."""
+"""Criteo text (Kaggle train.txt, Terabyte day_N, plain or .gz) -> parquet: see dlrm/data/preprocess/."""
 import sys
 
 from dlrm.data.preprocess import main

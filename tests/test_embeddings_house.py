@@ -13,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -23,6 +24,7 @@ from dlrm.checkpoint import check_config
 from dlrm.config import ConfigError, validate
 from dlrm.embeddings import BACKENDS, Runtime, TableSpec, build_embeddings
 from dlrm.embeddings.base import per_table
+from dlrm.embeddings.cached.disk import hash_init, read_disk_table
 from dlrm.embeddings.hashed import HashedEmbeddings
 from dlrm.train import run
 
@@ -124,6 +126,19 @@ def test_the_training_seed_reaches_the_cache_eviction_sampler(compose_cfg):
     assert cached.name == "cached" and cached._rng.initial_seed() == 7
     again = build_embeddings(cached.tables, cfg.emb, cfg.optim.sparse, CPU, Runtime(seed=8))
     assert again._rng.initial_seed() == 8
+
+
+def test_the_training_seed_reaches_a_disk_stores_lazy_init(tmp_path):
+    tables = [TableSpec("t_a", rows=500, dim=4, features=("a",))]
+    cfg = OmegaConf.create({"name": "cached", "dim": 4, "store": "disk", "cache_rows": 20, "min_rows": 1})
+    optim = OmegaConf.create({"name": "rowwise_adagrad", "lr": 0.1, "eps": 1e-8})
+    rows = {}
+    for seed in (1, 2):
+        emb = build_embeddings(tables, cfg, optim, CPU, Runtime(seed=seed, store_dir=tmp_path / str(seed)))
+        emb.flush()
+        rows[seed] = read_disk_table(tmp_path / str(seed) / "emb_store", "t_a")[0]
+        np.testing.assert_array_equal(rows[seed][100:], hash_init(0, torch.arange(100, 500), 4, 500, seed).numpy())
+    assert not np.array_equal(rows[1], rows[2])
 
 
 def test_tables_are_named_by_feature_and_the_t_names_still_work_with_a_warning():

@@ -14,6 +14,8 @@ import pytest
 
 from dlrm.data import criteo_text as ct
 from dlrm.data import preprocess as pp
+from dlrm.data.preprocess import chunks as pp_chunks
+from dlrm.data.preprocess import encode as pp_encode
 from dlrm.data.schema import DENSE, LABEL, SPARSE, DatasetMeta
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -81,7 +83,7 @@ def test_write_criteo_text_renders_the_real_formats(tmp_path):
 @pytest.mark.parametrize("lookup,staging", [("hash index", True), ("binary search", True), ("hash index", False)])
 def test_round_trip_values_ids_and_counts(tmp_path, monkeypatch, lookup, staging):
     if lookup == "binary search":  # the path real (multi-million) vocabularies take
-        monkeypatch.setattr(pp, "SMALL_VOCAB", 0)
+        monkeypatch.setattr(pp_encode, "SMALL_VOCAB", 0)
     n = 3000
     label, dense, sparse = rows(n)
     ct.write_criteo_text(tmp_path / "train.txt", label, dense, sparse)
@@ -133,7 +135,7 @@ def test_min_count_and_max_rows_send_rare_values_to_id_0(tmp_path):
     assert DatasetMeta.load(tmp_path / "cap").cardinalities == {c: 2 for c in SPARSE}
 
 
-def _splitmix64(x: int) -> int:  # written independently of preprocess.mix64 (pure Python)
+def _splitmix64(x: int) -> int:  # written independently of preprocess.keys.mix64 (pure Python)
     m = (1 << 64) - 1
     x ^= x >> 30
     x = (x * 0xBF58476D1CE4E5B9) & m
@@ -215,7 +217,7 @@ BAD_LINES = {"bad label": [4, 5, 12], "bad integer": [6, 11, 14], "too many fiel
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 300])  # one chunk; many chunks (global line numbers)
 def test_bad_rows_are_counted_reported_and_the_rest_kept(tmp_path, chunk_bytes):
-    s = run([FIXTURES / "bad_rows.txt"], tmp_path / "o", split="none", chunk_bytes=chunk_bytes)
+    s = run([FIXTURES / "bad_rows.txt"], tmp_path / "o", split="none", chunk_bytes=chunk_bytes, max_bad_fraction=1)
     assert s["rows_in"] == 15 and s["rows_written"] == {"train": 7} and s["rows_padded"] == 2
     assert s["rows_skipped"] == BAD_SKIPPED
     assert s["first_bad_lines"] == {k: [f"bad_rows.txt:{n}" for n in v] for k, v in BAD_LINES.items()}
@@ -295,7 +297,7 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, monkeypatch, name,
     # The progress bar counts input bytes (compressed for .gz): all of them, once.
     assert sum(json.loads(r.read_text())["bytes"] for r in records) == (tmp_path / name).stat().st_size
 
-    real, calls = pp._emit, []
+    real, calls = pp_chunks._emit, []
 
     def crash_after(n):
         def fake(job, *a):
@@ -307,11 +309,11 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, monkeypatch, name,
         return fake
 
     # Crash in pass 1, then in pass 2 (each rerun resumes), then between a part and its record.
-    monkeypatch.setattr(pp, "_emit", crash_after(3))
+    monkeypatch.setattr(pp_chunks, "_emit", crash_after(3))
     with pytest.raises(KeyboardInterrupt):
         run([tmp_path / name], tmp_path / "out", **kw)
     calls.clear()
-    monkeypatch.setattr(pp, "_emit", crash_after(9))
+    monkeypatch.setattr(pp_chunks, "_emit", crash_after(9))
     with pytest.raises(KeyboardInterrupt):
         run([tmp_path / name], tmp_path / "out", **kw)
     # The second run did only the count chunks the first had not finished; 10th call crashed.
@@ -323,13 +325,13 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path, monkeypatch, name,
             raise KeyboardInterrupt("crash after the part, before its record")
         return real_write(path, obj)
 
-    real_write = pp._write_json
-    monkeypatch.setattr(pp, "_emit", real)
-    monkeypatch.setattr(pp, "_write_json", crash_before_record)
+    real_write = pp_chunks.write_json
+    monkeypatch.setattr(pp_chunks, "_emit", real)
+    monkeypatch.setattr(pp_chunks, "write_json", crash_before_record)
     with pytest.raises(KeyboardInterrupt):
         run([tmp_path / name], tmp_path / "out", **kw)
     assert (tmp_path / "out" / "parts" / "train-000005.parquet").exists()  # orphan part, redone
-    monkeypatch.setattr(pp, "_write_json", real_write)
+    monkeypatch.setattr(pp_chunks, "write_json", real_write)
     s = run([tmp_path / name], tmp_path / "out", **kw)
     if staging or not name.endswith(".gz"):  # (a gzip file without staging is one stream task)
         assert s["chunks_reused"] == {"count": n_chunks, "encode": 5}

@@ -74,6 +74,17 @@ def timings(fn: Callable[[], object], repeats: int, warmup: int = 3) -> tuple[li
     return wall, cpu
 
 
+def time_each(step: Callable[[object], object], items, warmup: int = 0) -> list[float]:
+    """Wall ms of `step(item)` for each of `items` (an iterable: batches), the first `warmup` left out."""
+    times = []
+    for i, item in enumerate(items):
+        t0 = time.perf_counter()
+        step(item)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
     """Median wall time of `fn` in ms (see `timings`)."""
     return statistics.median(timings(fn, repeats, warmup)[0])

@@ -14,11 +14,11 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from dlrm.bench.common import time_each
 from dlrm.build import build_model
 from dlrm.data.loader import ParquetLoader
 from dlrm.data.schema import SPARSE
@@ -30,12 +30,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def median_ms(trainer: Trainer, batches, warmup: int) -> float:
-    times = []
-    for batch in batches:
-        t0 = time.perf_counter()
-        trainer.train_step(batch)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[warmup:]) * 1e3
+    return statistics.median(time_each(trainer.train_step, batches, warmup))
 
 
 def main(argv: list[str] | None = None) -> dict:

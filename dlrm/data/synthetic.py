@@ -43,6 +43,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from dlrm.data.schema import DENSE, KAGGLE_CARDINALITIES, LABEL, SPARSE, DatasetMeta
+from dlrm.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +287,11 @@ def ensure_dataset(spec: SyntheticSpec, root: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (path / "meta.json").is_file():
             return path
-        tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "train").mkdir(parents=True)
-        (tmp / "eval").mkdir()
-        log.info("generating synthetic dataset (%d + %d rows) into %s", spec.rows, spec.eval_rows, path)
-        meta = generate(spec, tmp)
-        meta.save(tmp)
-        tmp.rename(path)
+        with atomic_path(path) as tmp:  # removed on error; renamed whole into place on success
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+            (tmp / "train").mkdir(parents=True)
+            (tmp / "eval").mkdir()
+            log.info("generating synthetic dataset (%d + %d rows) into %s", spec.rows, spec.eval_rows, path)
+            meta = generate(spec, tmp)
+            meta.save(tmp)
     return path

@@ -10,10 +10,10 @@ each row's weights followed by its optimizer state (one page touched per row mov
 `<table>.init.u8` (1 once a row was written), `<table>.undo` (the undo journal, below) and
 `store.json`. The files are never swept: their blocks are reserved with `posix_fallocate` (they
 read as zeros, and reserving 13.6 GB took 0.03 s on ext4), and a row that was never written reads
-as its init, U(-1/sqrt(rows), 1/sqrt(rows)) from a counter-based hash of (table, id, column)
-(`hash_init`), so building a 200M-row store writes no rows and only touched pages are read.
-Those values are not torch's RNG stream (tables.py's `init_uniform_`), only the same distribution; `load_weights`
-replaces them.
+as its init, U(-1/sqrt(rows), 1/sqrt(rows)) from a counter-based hash of (table, id, column,
+training seed; `hash_init`, the seed kept in store.json as init_seed), so building a 200M-row
+store writes no rows and only touched pages are read. Those values are not torch's RNG stream
+(tables.py's `init_uniform_`), only the same distribution; `load_weights` replaces them.
 
 Crash safety. Rows are written in place (evictions) between flushes, so the files alone would
 mix the last flushed state with later write-backs after a crash. Before a row (or its init byte)
@@ -56,9 +56,11 @@ from dlrm.embeddings.cached.journal import UndoJournal, fsync_path, read_journal
 
 log = logging.getLogger(__name__)
 
-def hash_init(table_index: int, ids: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
-    """Deterministic U(-1/sqrt(rows), 1/sqrt(rows)) rows for `ids`: splitmix64 of the element index."""
-    offset = ((table_index + 1) * 0x9E3779B97F4A7C15) % 2**64
+
+def hash_init(table_index: int, ids: torch.Tensor, dim: int, rows: int, seed: int = 0) -> torch.Tensor:
+    """Deterministic U(-1/sqrt(rows), 1/sqrt(rows)) rows for `ids` ([n] -> [n, dim] fp32):
+    splitmix64 of the element index, offset per table and per `seed` (the training seed)."""
+    offset = ((table_index + 1) * 0x9E3779B97F4A7C15 + seed * 0xD1B54A32D192ED03) % 2**64
     offset = offset - 2**64 if offset >= 2**63 else offset  # as int64
     x = ids.to(torch.int64).unsqueeze(1) * dim + torch.arange(dim) + offset
     x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64 (wraps, as intended)
@@ -109,8 +111,10 @@ class DiskStore:
         random_access: bool = True,
         resume: bool = False,
         durable: bool = False,
+        seed: int = 0,
     ) -> None:
         self.path = Path(path)
+        self.seed = seed  # of the lazy init; a reopened store keeps the one it was made with
         self.random_access = random_access
         self.durable = durable
         self.tables = tables
@@ -127,7 +131,7 @@ class DiskStore:
             if not manifest.exists():
                 raise ValueError(f"emb.path={str(self.path)!r} holds no table store (store.json) to resume from")
             saved = self._check_manifest(json.loads(manifest.read_text()))
-            self.epoch, self.committed_step = saved["epoch"], saved["step"]
+            self.epoch, self.committed_step, self.seed = saved["epoch"], saved["step"], saved["seed"]
             self.journal = UndoJournal(self.path, tables, state_width, self.epoch, durable)
             self._dirty = not saved["clean"]
             allocated = sum(self.rows_file(t.name).stat().st_blocks * 512 for t in tables)
@@ -213,7 +217,9 @@ class DiskStore:
                 have = file.stat().st_size if file.exists() else None
                 if have != size:
                     raise ValueError(f"{where}: {file.name} has {have} bytes, store.json implies {size}")
-        return {"epoch": saved.get("epoch", 0), "step": saved.get("step"), "clean": saved["clean"]}
+        # stores written before "init_seed" existed were initialized with seed 0
+        return {"epoch": saved.get("epoch", 0), "step": saved.get("step"), "clean": saved["clean"],
+                "seed": saved.get("init_seed", 0)}
 
     def _write_manifest(self, clean: bool, epoch: int, step: int | None) -> None:
         """Replace store.json durably: temp file, fsync, rename, fsync the dir."""
@@ -221,6 +227,7 @@ class DiskStore:
             "clean": clean,
             "step": step,
             "epoch": epoch,
+            "init_seed": self.seed,
             "dtype": "float32",
             "state_width": self.state_width,
             "tables": {t.name: {"rows": t.rows, "dim": t.dim} for t in self.tables},
@@ -247,7 +254,7 @@ class DiskStore:
         w, s = rows[:, : t.dim], rows[:, t.dim :]
         fresh = (self.written[name].index_select(0, ids) == 0).nonzero().flatten()
         if len(fresh):
-            w[fresh] = hash_init(self.index[name], ids[fresh], t.dim, t.rows)
+            w[fresh] = hash_init(self.index[name], ids[fresh], t.dim, t.rows, self.seed)
         return w, s
 
     def write(self, name: str, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> None:
@@ -344,5 +351,6 @@ def read_disk_table(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     written = np.memmap(path / f"{name}.init.u8", np.uint8, "r", shape=(t["rows"],))
     fresh = np.flatnonzero(written == 0)
     index = list(manifest["tables"]).index(name)
-    w[fresh] = hash_init(index, torch.from_numpy(fresh), t["dim"], t["rows"]).numpy()
+    seed = manifest.get("init_seed", 0)  # stores from before init_seed: 0
+    w[fresh] = hash_init(index, torch.from_numpy(fresh), t["dim"], t["rows"], seed).numpy()
     return w, s

@@ -71,7 +71,7 @@ class WriteBackCache(HotRowCache):
         else:
             self.store = DiskStore(
                 self.tables, self.state_width, disk_path(cfg.path, runtime), bool(cfg.random_access),
-                resume=runtime.resuming, durable=bool(cfg.durable),
+                resume=runtime.resuming, durable=bool(cfg.durable), seed=runtime.seed,
             )
         self.shrink_after = int(cfg.shrink_after)
         self.evict_sample = int(cfg.evict_sample)
