@@ -13,11 +13,28 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
 from dlrm.bench.steps import build, compose, make_batches, time_steps
 from dlrm.data.schema import KAGGLE_CARDINALITIES
+
+
+def emb_steps(model, opts, batches, warmup: int) -> list[float]:
+    """Seconds per step of the embedding backend alone (forward, backward, its optimizers)."""
+    emb, own = model.sparse_arch, model.sparse_arch.optimizers()
+    times = []
+    for i, (_, kjt, _) in enumerate(batches):
+        t0 = time.perf_counter()
+        for o in own:
+            o.zero_grad(set_to_none=True)
+        emb(kjt).values().sum().backward()
+        for o in own:
+            o.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -28,6 +45,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="timed steps per backend per round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--emb-only", action="store_true", help="time only the embedding backend: forward, "
+                   "backward of the pooled sum (fused updates included), its own optimizers")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every backend")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -39,10 +58,11 @@ def main() -> None:
     for b in args.backends:
         models[b] = build(b, cards, compose(b, ["trainer.precision=fp32", *args.overrides]))
         time_steps(*models[b], batches[:3], warmup=3)  # first-call costs
+    step = emb_steps if args.emb_only else time_steps
     times = {b: [] for b in args.backends}
     ratios = {b: [] for b in args.backends}
     for _ in range(args.rounds):
-        median = {b: statistics.median(time_steps(*models[b], batches, warmup=2)) for b in args.backends}
+        median = {b: statistics.median(step(*models[b], batches, warmup=2)) for b in args.backends}
         for b in args.backends:
             times[b].append(median[b])
             ratios[b].append(median[b] / median["full"])

@@ -255,13 +255,11 @@ class MDEEmbeddings(EmbeddingBackend):
         counts = torch.bincount(slot_sorted, minlength=self.n_virtual * b)
         offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
         pooled = self.tbe(rows[order], offsets)  # [B, sum of block widths over features]
-        outs, start = [], 0
-        for j, i in enumerate(self.table_of_feature):
-            proj = self.projections[self.tables[i].name]
-            width = proj.shape[0]
-            outs.append(pooled[:, start : start + width] @ proj)
-            start += width
-        out = torch.cat(outs, dim=1)  # [B, F * dim]
+        projections = [self.projections[self.tables[i].name] for i in self.table_of_feature]
+        # split (not slicing): its backward concatenates, where slices would zero-fill a
+        # pooled-sized gradient per feature
+        blocks = pooled.split([p.shape[0] for p in projections], dim=1)
+        out = torch.cat([x @ p for x, p in zip(blocks, projections)], dim=1)  # [B, F * dim]
         if self.pooling == "mean":
             n = features.lengths().view(f, b).t().clamp(min=1).to(out.dtype)  # [B, F]
             out = (out.view(b, f, -1) / n.unsqueeze(2)).reshape(b, -1)
