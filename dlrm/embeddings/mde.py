@@ -11,8 +11,9 @@ the paper's power rule
 where p_k is the mean frequency of an id of block k (from per-id counts, frequency.py): the hot
 block is `dim` wide (at scale 1), rare ids get narrow rows. Widths are rounded to multiples of 4,
 fbgemm's row alignment, so at dim 16 with row-wise Adagrad (4 bytes of state per row) a table
-shrinks at most (16 + 1) / (4 + 1) = 3.4x: MDE cannot reach 10x here (the VLDB 2024 study's MDE
-stopped near 11x with 1-wide rows). Each block is a plain fbgemm table
+shrinks at most (16 + 1) / (4 + 1) = 3.4x: MDE cannot reach 10x here (the VLDB 2024 study reports
+MDE reaching about 11x; even 1-wide rows would stop at (16 + 1) / (1 + 1) = 8.5x with a row-wise
+optimizer state). Each block is a plain fbgemm table
 (fused updates, as emb=full) of its own width, followed by a learned projection P_k
 [d_k, dim] (initialized to [I | 0], so at equal widths MDE starts as a plain table); the pooled
 output of a bag is sum over its ids of e_id P_block(id), computed per block after fbgemm pools.
@@ -26,8 +27,9 @@ TT's cores; the trainer's dense optimizer never sees them).
 
 Example::
 
+    cfg = OmegaConf.create({"alpha": 0.15})    # ids of a 1M-row table ranked by counts (runtime)
     emb = MDEEmbeddings([TableSpec("t_C3", 1_000_000, 16, ("C3",))], cfg, sparse_optim, cpu, runtime)
-    emb.block_rows["t_C3"], emb.block_dims["t_C3"]     # [32, 968, 1000000], [16, 8, 4]
+    emb.block_rows["t_C3"], emb.block_dims["t_C3"]     # [32, 968, 1000000], [16, 8, 4] (Zipf ids)
 """
 
 from __future__ import annotations
@@ -138,8 +140,6 @@ class MDEEmbeddings(EmbeddingBackend):
         super().__init__(tables)
         cfg = self.settings(cfg)
         self.pooling = cfg.pooling
-        if self.pooling not in ("sum", "mean"):
-            raise ValueError(f"emb.pooling={self.pooling!r}: choose one of ['mean', 'sum']")
         for key in ("alpha", "scale"):  # types and the rest: `options`
             if not cfg[key] > 0:
                 raise ValueError(f"emb.{key}={cfg[key]!r}: must be a number > 0")
