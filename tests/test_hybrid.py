@@ -122,3 +122,15 @@ def test_hybrid_trains_from_the_dataset_counts(compose_cfg, tiny_dataset, tmp_pa
     results = run(compose_cfg("emb=hybrid", "emb.min_rows=500", "compression=8", "trainer.max_steps=60"), tmp_path)
     assert results["auc"] > 0.6 and 0 < results["hot_hit_rate"] < 1
     assert results["compression_ratio"] > 1.5
+
+
+def test_counts_of_multi_hot_features_count_every_id(tmp_path):
+    from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
+
+    path = ensure_dataset(
+        SyntheticSpec(rows=3000, eval_rows=500, max_cardinality=300, row_group_rows=1000, multi_hot={"C1": 3}), tmp_path
+    )
+    counts = np.load(ensure_counts(path) / "C1.npy")
+    column = pq.read_table(path / "train", columns=["C1"])["C1"].combine_chunks()
+    assert counts.sum() == len(column.flatten()) > 3000  # 1..3 ids per row, each one counted
+    assert np.array_equal(counts, np.bincount(column.flatten().to_numpy(), minlength=len(counts)))
