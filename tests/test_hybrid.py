@@ -58,7 +58,8 @@ def build(counts_dir=None, **kw):
 def test_forward_and_fused_update_equal_hand_built_reference(counts_dir, pooling):
     emb = build(str(counts_dir), pooling=pooling)
     assert (emb.hot, emb.buckets) == ([125, 37], [125, 38])
-    bags = {"C1": [[0, 7, 999], [7], [500, 3]], "C2": [[299], [1, 2], [5, 5, 6]]}
+    # 6 ids of C1, 7 of C2: per-id hash parameters (unequal lengths; equal ones broadcast)
+    bags = {"C1": [[0, 7, 999], [7], [500, 3]], "C2": [[299], [1, 2], [5, 5, 6, 7]]}
     counts = {t.name: np.load(counts_dir / f"{t.features[0]}.npy") for t in TABLES}
     weights = [w.clone() for w in emb.tbe.split_embedding_weights()]
     out = emb(kjt(bags))
