@@ -74,6 +74,13 @@ def test_planned_bytes_are_what_the_built_backend_measures(name, optim, caplog):
         assert full / emb.embedding_bytes() >= budget * (1 - TOLERANCE)
 
 
+def test_hybrid_budget_may_leave_a_table_without_hot_rows():
+    p = plan(CAPPED, "hybrid", 1000, hot_share=0.1)
+    assert 0 in p.cfg.hot_rows.values()
+    emb = build_embeddings(CAPPED, p.cfg, ADAGRAD, CPU)
+    assert emb.embedding_bytes() == p.planned_bytes
+
+
 def test_knobs_the_budget_chooses_cannot_also_be_set():
     with pytest.raises(ValueError, match="emb.buckets and emb.budget are both set"):
         plan(KAGGLE, "hashed", 10, buckets={"C3": 10})

@@ -91,7 +91,7 @@ class HybridEmbeddings(RemappedTables):
         big = [t.name for t in self.tables if t.rows >= 1 << KEY_BITS]
         if big:
             raise ValueError(f"emb=hybrid: tables {big} have 2^{KEY_BITS} rows or more")
-        hot_over = table_overrides(cfg.hot_rows, "hot_rows", self.tables)
+        hot_over = table_overrides(cfg.hot_rows, "hot_rows", self.tables, minimum=0)
         bucket_over = table_overrides(cfg.buckets, "buckets", self.tables)
         self.hot, self.buckets = [], []
         for t in self.tables:
