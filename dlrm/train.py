@@ -9,6 +9,7 @@ Returns the sweep metric (`trainer.metric`, eval AUC by default) for Hydra sweep
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -33,8 +34,10 @@ from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
 from dlrm.distributed import run as dist_run
 from dlrm.embeddings import Runtime
 from dlrm.embeddings.base import EmbeddingBackend
+from dlrm.embeddings.budget import BudgetUnreachable
+from dlrm.io import atomic_write_text
 from dlrm.model import resolve_precision
-from dlrm.telemetry import route_library_logs
+from dlrm.telemetry import RESULTS_FILE, route_library_logs
 from dlrm.trainer import Interrupted, Trainer
 
 log = logging.getLogger("dlrm")
@@ -115,8 +118,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     # A disk store lives in its run's dir unless emb.path says otherwise; a resumed run reopens
     # the store of the run it continues (run_dir_of fails fast if there is nothing to resume).
     store_dir = Path(checkpoint.run_dir_of(resume) if resume else out_dir).resolve()
-    runtime = Runtime(seed=cfg.seed, store_dir=store_dir, resuming=bool(resume))
     path = dataset_path(cfg.data)
+    runtime = Runtime(seed=cfg.seed, store_dir=store_dir, resuming=bool(resume), data_dir=path)
     loader_args = dict(
         batch_size=cfg.trainer.batch_size,
         max_rows=cfg.data.get("max_rows", 0),
@@ -133,7 +136,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     unfolded = {f: n for f, n in eval_data.meta.cardinalities.items() if f not in eval_data.max_rows}
     check_id_ranges(eval_data.files, unfolded, cfg.data.eval_split)
     cardinalities = {f: train_data.cardinalities[f] for f in SPARSE}
-    model = build_model(cfg, cardinalities, device, train_data.dense_width, runtime)
+    try:
+        model = build_model(cfg, cardinalities, device, train_data.dense_width, runtime)
+    except BudgetUnreachable as e:
+        if cfg.emb.budget_unreachable == "fail":
+            raise
+        return record_unreachable(cfg, e, out_dir, t_start)
     if env.distributed:
         from dlrm.distributed.model import wrap  # torchrec's DMP: only under torchrun
 
@@ -163,6 +171,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.memory(state.step, emb_bytes, device)  # a last probe after the final eval
     results = {
         "backend": cfg.emb.name,
+        "budget": cfg.emb.get("budget"),
         "model": cfg.model.name,
         **metrics,
         "steps": state.step,
@@ -185,6 +194,22 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.hparams(_hparams(cfg), {k: results[k] for k in ("auc", "logloss", "ne", "compression_ratio")})
     tele.write_results(results)
     tele.close()
+    return results
+
+
+def record_unreachable(cfg: DictConfig, e: BudgetUnreachable, out_dir: Path, t_start: float) -> dict:
+    """emb.budget_unreachable=record: results.json says the cell is unreachable and why (no
+    training), so a sweep's report shows it as such; the run then ends normally."""
+    results = {
+        "backend": cfg.emb.name,
+        "budget": e.budget,
+        "unreachable": True,
+        "reason": str(e),
+        "best_ratio": e.best,
+        "wall_s": time.time() - t_start,
+    }
+    log.warning("%s: recorded as unreachable, not trained", e)
+    atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
 
 
@@ -250,7 +275,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     try:
         _requeued_resume(cfg, out_dir)
         results = run(cfg, out_dir)
-        value = sweep_metric(results, cfg.trainer.metric)
+        value = float("nan") if results.get("unreachable") else sweep_metric(results, cfg.trainer.metric)
     except Interrupted as e:  # (the trainer logged it; the console gets how to continue)
         print(f"{e}\nresume with: {_resume_command(out_dir)}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -276,7 +301,9 @@ def _hydra_main(cfg: DictConfig) -> float:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)  # one clear line for bad input
         sys.exit(2)
-    if distributed.is_main():
+    if results.get("unreachable"):
+        print(f"not trained: {results['reason']} (recorded in {out_dir / 'results.json'})")
+    elif distributed.is_main():
         print(summary(results, out_dir))
     distributed.shutdown()
     return value

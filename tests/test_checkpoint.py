@@ -14,6 +14,9 @@ BACKENDS = {
     "hashed": ["emb=hashed", "emb.min_rows=500", "compression=4"],
     "qr": ["emb=qr", "emb.min_rows=500", "compression=4"],
     "tt": ["emb=tt", "emb.min_rows=500", "rank=4"],
+    "fp16": ["emb=fp16"],
+    "hybrid": ["emb=hybrid", "emb.min_rows=500", "compression=4"],
+    "mde": ["emb=mde", "emb.min_rows=500"],
     # a 20% cache of 2,000-row tables: rows are evicted (by score) and written back every step
     "cached_host": ["emb=cached", "emb.min_rows=500", "emb.cache_rows=400"],
     "cached_disk": ["emb=cached", "emb.store=disk", "emb.min_rows=500", "emb.cache_rows=400"],

@@ -44,6 +44,9 @@ TABLE_OPTIONS: dict[str, Opt] = {
     "sharding": Opt(str, choices=("auto", "table_wise", "column_wise", "table_column_wise", "row_wise",
                                   "data_parallel")),
     "rank_memory_gb": Opt(float, min=0, nullable=True),  # under torchrun: the planner's per-rank memory
+    "weights_precision": Opt(str),  # fp32 | fp16; tables.check_weights_precision says why not int8
+    "budget": Opt(float, min=1, nullable=True),  # budget.py
+    "budget_unreachable": Opt(str, choices=("fail", "record")),
 }
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -56,11 +59,14 @@ class Runtime:
     `store_dir` is where a backend keeps files that outlive the process when its config names no
     place (a disk store goes to `store_dir/emb_store`; None: a fresh temp dir); `resuming` says
     whether this run continues a checkpointed one (a disk store is then reopened, never created).
+    `data_dir` is the dataset's directory, where frequency-aware backends (hybrid, mde) find
+    per-id counts (`dlrm.data.counts.ensure_counts`); None outside a training run.
     """
 
     seed: int = 0
     store_dir: Path | None = None
     resuming: bool = False
+    data_dir: Path | None = None
 
 
 @functools.lru_cache(maxsize=None)

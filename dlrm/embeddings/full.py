@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec, check_ids_in_range
+from dlrm.embeddings.policy import POLICY_OPTIONS
 from dlrm.embeddings.tables import fused_tables, tbe_bytes
 
 
@@ -32,7 +33,8 @@ class FullEmbeddings(EmbeddingBackend):
         super().__init__(tables)
         cfg = self.settings(cfg)
         self.check_ids = cfg.check_ids
-        self.tbe = fused_tables(self.tables, optim, cfg.pooling, device)
+        self.weights_precision = cfg.weights_precision
+        self.tbe = fused_tables(self.tables, optim, cfg.pooling, device, self.weights_precision)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self.check_ids:
@@ -42,3 +44,18 @@ class FullEmbeddings(EmbeddingBackend):
 
     def embedding_bytes(self) -> int:
         return tbe_bytes(self.tbe)
+
+    def describe(self) -> str:
+        if self.weights_precision == "fp32":
+            return super().describe()
+        return "\n".join(f"{t.name}: {self.name} {t.rows} x {t.dim} {self.weights_precision}" for t in self.tables)
+
+
+class Fp16Embeddings(FullEmbeddings):
+    """`emb=fp16`: `full` with rows stored in fp16 (`emb.weights_precision=fp16`), computed in
+    fp32: about half the weight bytes, the 2x baseline every compression method must beat
+    (conf/emb/fp16.yaml). Same as `emb=full emb.weights_precision=fp16`, under its own name in
+    results.json."""
+
+    name = "fp16"
+    options = POLICY_OPTIONS

@@ -102,7 +102,7 @@ class HashedEmbeddings(RemappedTables):
             TableSpec(t.name, rows=n, dim=t.dim, features=t.features)
             for t, n in zip(self.tables, self.buckets)
         ]
-        self.build_tables(optim, cfg.pooling, device)
+        self.build_tables(optim, cfg.pooling, device, cfg.weights_precision)
         table_of_feature = [i for i, t in enumerate(self.tables) for _ in t.features]
         coeffs = torch.tensor(
             [hash_coefficients(seed, t.name) + [n] for t, n in zip(self.tables, self.buckets)],

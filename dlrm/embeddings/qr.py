@@ -140,7 +140,7 @@ class QREmbeddings(RemappedTables):
         ]
         self.pooling = cfg.pooling
         # mult pools after combining (in forward), so its lookups must not average.
-        self.build_tables(optim, "sum" if self.combiner == "mult" else self.pooling, device)
+        self.build_tables(optim, "sum" if self.combiner == "mult" else self.pooling, device, cfg.weights_precision)
         if self.combiner in ("mult", "add"):
             with torch.no_grad():
                 for w in self.tbe.split_embedding_weights()[0::2]:

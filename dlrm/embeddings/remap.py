@@ -35,8 +35,10 @@ class RemappedTables(EmbeddingBackend):
 
     physical_tables: list[TableSpec]
 
-    def build_tables(self, optim: DictConfig, pooling: str, device: torch.device) -> None:
-        self.tbe = fused_tables(self.physical_tables, optim, pooling, device)
+    def build_tables(
+        self, optim: DictConfig, pooling: str, device: torch.device, precision: str = "fp32"
+    ) -> None:
+        self.tbe = fused_tables(self.physical_tables, optim, pooling, device, precision)
 
     @abstractmethod
     def remap(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +57,10 @@ class RemappedTables(EmbeddingBackend):
 REMAP_OPTIONS: dict[str, Opt] = {**POLICY_OPTIONS, "compression": Opt(float, min=1)}
 
 
-def table_overrides(given, key: str, tables: list[TableSpec]) -> dict[str, int]:
+def table_overrides(given, key: str, tables: list[TableSpec], minimum: int = 1) -> dict[str, int]:
     """Per-table integer overrides `emb.<key>: {feature: n}` (e.g. emb.buckets), keyed by table name.
 
-    Values must be positive integers (error otherwise). Names that are none of `tables` are only
+    Values must be integers >= `minimum` (error otherwise; emb.hot_rows of hybrid may be 0). Names that are none of `tables` are only
     logged: the policy may have kept that table full (below `emb.min_rows`), which is not an error.
     """
     given = given or {}
@@ -66,8 +68,9 @@ def table_overrides(given, key: str, tables: list[TableSpec]) -> dict[str, int]:
         raise ValueError(f"emb.{key}={given!r}: must be a mapping {{feature: count}}, e.g. {{C3: 100000}}")
     out: dict[str, int] = {}
     for name, n in given.items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"emb.{key}.{name}={n!r}: must be a positive integer")
+        if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ValueError(f"emb.{key}.{name}={n!r}: must be {what}")
         t = resolve_table(str(name), tables, f"emb.{key}.{name}")
         if t is not None:
             out[t.name] = n

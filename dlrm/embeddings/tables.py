@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     BoundsCheckMode,
     ComputeDevice,
@@ -39,6 +39,13 @@ FUSED_OPTIMIZERS = {
 # Optimizer state floats per row of each fused optimizer (None: one per column, = dim).
 STATE_WIDTH = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": None}
 POOLING = dict(zip(POOLINGS, (PoolingMode.SUM, PoolingMode.MEAN)))
+# emb.weights_precision: how table rows are stored; lookups return fp32 and optimizer state stays
+# fp32. fbgemm's CPU kernel applies an fp16 row's update in fp16: w <- fp16(w - fp16(lr * g))
+# (tests/test_fp16.py), so an update below half an fp16 ulp of the weight is lost. INT8 rows
+# are left out: fbgemm 1.8 cannot even build a trainable INT8 TBE on CPU (its init fails with
+# "check_uniform_bounds not implemented for 'Byte'"); int8 would need our own row quantization.
+WEIGHTS_PRECISIONS = {"fp32": SparseType.FP32, "fp16": SparseType.FP16}
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2}
 INIT_CHUNK_ROWS = 1 << 20  # rows initialized per call, so a 10M-row init stays interruptible
 
 
@@ -50,7 +57,11 @@ def init_uniform_(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """
     bound = 1.0 / math.sqrt(rows)
     for start in range(0, weight.shape[0], INIT_CHUNK_ROWS):
-        weight[start : start + INIT_CHUNK_ROWS].uniform_(-bound, bound)
+        chunk = weight[start : start + INIT_CHUNK_ROWS]
+        if chunk.dtype == torch.float32:
+            chunk.uniform_(-bound, bound)
+        else:  # fp16 rows: the fp32 draw rounded, so they start as a full table's rows rounded
+            chunk.copy_(torch.empty(chunk.shape).uniform_(-bound, bound))
     return weight
 
 
@@ -62,16 +73,36 @@ def check_fused_optimizer(optim: DictConfig) -> None:
         )
 
 
+def check_weights_precision(precision: str) -> str:
+    """`emb.weights_precision` if fbgemm trains it on CPU, else a one-line error naming the key."""
+    if precision not in WEIGHTS_PRECISIONS:
+        raise ValueError(
+            f"emb.weights_precision={precision!r}: choose one of {list(WEIGHTS_PRECISIONS)} "
+            "(int8 rows do not train in fbgemm on CPU)"
+        )
+    return precision
+
+
+def row_bytes(dim: int, optim_name: str, precision: str = "fp32") -> int:
+    """Bytes one row of a fused table costs: weights in `precision` plus the fp32 state of the
+    fused optimizer `optim_name` (what `tbe_bytes` counts, per row; used to plan budgets)."""
+    width = STATE_WIDTH[optim_name]
+    return dim * WEIGHT_BYTES[precision] + (dim if width is None else width) * 4
+
+
 def fused_tables(
-    tables: list[TableSpec], optim: DictConfig, pooling: str, device: torch.device
+    tables: list[TableSpec], optim: DictConfig, pooling: str, device: torch.device, precision: str = "fp32"
 ) -> SplitTableBatchedEmbeddingBagsCodegen:
     """One fbgemm TBE module for `tables`, weights initialized by `init_uniform_`.
 
-    `optim` is the `optim.sparse` section (name, lr, eps); `pooling` is `sum` or `mean`. Ids go
-    in as key-major int64 values with offsets (`[F * B + 1]`); the output is `[B, sum of dims]`.
-    Raises ValueError for an optimizer or pooling fbgemm does not offer.
+    `optim` is the `optim.sparse` section (name, lr, eps); `pooling` is `sum` or `mean`;
+    `precision` (`emb.weights_precision`) is how rows are stored: fp32 or fp16 (lookups return
+    fp32 either way). Ids go in as key-major int64 values with offsets (`[F * B + 1]`); the
+    output is `[B, sum of dims]`, fp32. Raises ValueError for an optimizer, pooling or precision
+    fbgemm does not offer on CPU.
     """
     check_fused_optimizer(optim)
+    check_weights_precision(precision)
     if pooling not in POOLING:
         raise ValueError(f"emb.pooling={pooling!r}: choose one of {sorted(POOLING)}")
     on_cuda = device.type == "cuda"
@@ -89,6 +120,8 @@ def fused_tables(
         # Range checks happen in check_ids_in_range, which names the feature.
         bounds_check_mode=BoundsCheckMode.NONE,
         device=device,
+        weights_precision=WEIGHTS_PRECISIONS[precision],
+        output_dtype=SparseType.FP32,
         **eps,
     )
     with torch.no_grad():

@@ -18,7 +18,7 @@ import math
 
 import pandas as pd
 
-from dlrm.report.groups import BACKEND_ORDER, BASELINE
+from dlrm.report.groups import BACKEND_ORDER
 from dlrm.report.runs import Run
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 
 from dlrm.report.runs import Run, _overrides_as_config
 
-BACKEND_ORDER = ["full", "hashed", "qr", "tt", "cached"]
+BACKEND_ORDER = ["full", "fp16", "hashed", "qr", "hybrid", "tt", "mde", "cached"]
 BASELINE = "full"
 # Keys that must match for a group to be compared with a full group: same dataset, same towers,
 # same number and size of steps, same eval split. Everything else (lr, threads, ...) may differ.

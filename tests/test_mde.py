@@ -1,0 +1,137 @@
+"""emb=mde: frequency blocks and widths, exact forward/backward against a hand-built reference,
+bytes, training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dlrm.embeddings import TableSpec, build_embeddings
+from dlrm.embeddings.mde import block_bounds, block_dims
+from dlrm.embeddings.tables import tbe_bytes
+from dlrm.train import run
+
+CPU = torch.device("cpu")
+SGD = OmegaConf.create({"name": "sgd", "lr": 0.5})
+TABLES = [TableSpec("t_C1", 1000, 8, ("C1",)), TableSpec("t_C2", 300, 8, ("C2",))]
+
+
+def kjt(bags: dict[str, list[list[int]]]) -> KeyedJaggedTensor:
+    keys = list(bags)
+    values = [i for k in keys for bag in bags[k] for i in bag]
+    lengths = [len(bag) for k in keys for bag in bags[k]]
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.tensor(values, dtype=torch.int64), lengths=torch.tensor(lengths)
+    )
+
+
+@pytest.fixture
+def counts_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for t in TABLES:
+        np.save(tmp_path / f"{t.features[0]}.npy", rng.zipf(1.3, t.rows).clip(max=10**6))
+    return tmp_path
+
+
+def build(counts_dir=None, **kw):
+    cfg = OmegaConf.create({"name": "mde", "dim": 8, "min_rows": 0, "counts": counts_dir, **kw})
+    return build_embeddings(TABLES, cfg, SGD, CPU)
+
+
+def reference_route(emb, t: TableSpec, counts: np.ndarray, x: int) -> tuple[int, int]:
+    """(block, row) of id x by hand: ranks by count (ties: lower id), blocks of emb.block_rows
+    sizes in rank order, head rows numbered by sorted id, the last block indexed by the id."""
+    ranked = sorted(range(t.rows), key=lambda i: (-counts[i], i))
+    start = 0
+    for k, n in enumerate(emb.block_rows[t.name][:-1]):
+        block = sorted(ranked[start : start + n])
+        if x in block:
+            return k, block.index(x)
+        start += n
+    return len(emb.block_rows[t.name]) - 1, x
+
+
+def test_blocks_and_power_rule():
+    assert block_bounds(1_000_000, 4) == [0, 32, 1000, 31623, 1_000_000]
+    assert block_bounds(3, 4) == [0, 2, 3] and block_bounds(5, 1) == [0, 5]
+    assert block_dims([1e-2, 1e-4, 1e-6], 16, 0.3, 1.0, 4) == [16, 4, 4]  # 16, 4.0, 1.0 rounded to 4s
+    assert block_dims([1.0, 0.5 ** (1 / 0.5)], 16, 0.5, 1.0, 4) == [16, 8]
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_forward_and_backward_equal_hand_built_reference(counts_dir, pooling):
+    emb = build(str(counts_dir), pooling=pooling, dims={"C1": [8, 4, 4, 4], "C2": [8, 8, 4, 4]})
+    assert emb.block_dims == {"t_C1": [8, 4], "t_C2": [8, 4]}  # equal neighbours merged
+    assert emb.block_rows["t_C1"][0] == 6 and emb.block_rows["t_C2"][0] == 18  # 1000^(1/4), 300^(2/4)
+    with torch.no_grad():  # projections away from their [I | 0] init, so they matter
+        for p in emb.projections.values():
+            p.add_(torch.randn_like(p) * 0.3)
+    bags = {"C1": [[0, 7, 999], [7], [500, 3], []], "C2": [[299], [1, 2], [5, 5, 6], [0]]}
+    counts = {t.name: np.load(counts_dir / f"{t.features[0]}.npy") for t in TABLES}
+    weights = [w.clone() for w in emb.tbe.split_embedding_weights()]
+    proj = {n: p.detach().clone() for n, p in emb.projections.items()}
+    out = emb(kjt(bags))
+    grad = torch.randn_like(out.values())
+    out.values().backward(grad)
+    new_weights = emb.tbe.split_embedding_weights()
+    first = 0
+    for i, (t, f) in enumerate(zip(TABLES, ("C1", "C2"))):
+        dims = emb.block_dims[t.name]
+        starts = np.cumsum([0] + dims)
+        expected_w = [weights[first + k].clone() for k in range(len(dims))]
+        expected_pgrad = torch.zeros_like(proj[t.name])
+        for b, bag in enumerate(bags[f]):
+            scale = 1.0 / max(len(bag), 1) if pooling == "mean" else 1.0
+            want = torch.zeros(8)
+            g = grad[b, 8 * i : 8 * i + 8]
+            for x in bag:
+                k, r = reference_route(emb, t, counts[t.name], x)
+                p_k = proj[t.name][starts[k] : starts[k + 1]]
+                row = weights[first + k][r]
+                want += scale * row @ p_k
+                expected_w[k][r] -= 0.5 * scale * (p_k @ g)
+                expected_pgrad[starts[k] : starts[k + 1]] += scale * torch.outer(row, g)
+            torch.testing.assert_close(out[f][b], want)
+        for k in range(len(dims)):
+            torch.testing.assert_close(new_weights[first + k], expected_w[k])
+        torch.testing.assert_close(emb.projections[t.name].grad, expected_pgrad)
+        first += len(dims)
+
+
+def test_full_width_blocks_are_a_plain_table():
+    emb = build(dims={"C1": [8, 8, 8, 8], "C2": [8, 8, 8, 8]})
+    assert emb.block_rows == {"t_C1": [1000], "t_C2": [300]} and len(emb.head_keys) == 0
+    out = emb(kjt({"C1": [[3], [999]], "C2": [[0], [299]]}))
+    w1, w2 = emb.tbe.split_embedding_weights()
+    torch.testing.assert_close(out.values(), torch.cat([w1[[3, 999]], w2[[0, 299]]], 1))
+
+
+def test_embedding_bytes_count_every_tensor(counts_dir):
+    emb = build(str(counts_dir))
+    opt = emb.optimizers()[0]
+    expected = tbe_bytes(emb.tbe) + 8 * (len(emb.head_keys) + len(emb.head_codes))
+    for p in emb.projections.values():
+        expected += p.numel() * 4 + sum(s.numel() * s.element_size() for s in opt.state[p].values())
+    assert emb.embedding_bytes() == expected
+    rows = sum(n * (d + 1) for t in TABLES for n, d in zip(emb.block_rows[t.name], emb.block_dims[t.name]))
+    assert tbe_bytes(emb.tbe) == sum(
+        n * d * 4 for t in TABLES for n, d in zip(emb.block_rows[t.name], emb.block_dims[t.name])
+    )  # SGD: no state
+    assert rows > 0
+
+
+def test_bad_settings_name_the_key(counts_dir):
+    with pytest.raises(ValueError, match="emb.min_dim=3"):
+        build(min_dim=3)
+    with pytest.raises(ValueError, match=r"emb.dims.C1=\[8, 6\]"):
+        build(dims={"C1": [8, 6]})
+    with pytest.raises(ValueError, match="emb.alpha=0"):
+        build(alpha=0)
+
+
+def test_mde_trains(compose_cfg, tiny_dataset, tmp_path):
+    results = run(compose_cfg("emb=mde", "emb.min_rows=500", "trainer.max_steps=60"), tmp_path)
+    assert results["auc"] > 0.6 and results["compression_ratio"] > 1.2
