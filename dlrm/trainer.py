@@ -159,6 +159,8 @@ class Trainer:
         self.compile_pending = compile_step.should_compile(
             self.cfg.get("compile", False), self.cfg.max_steps, device, self.graph
         ) and compile_step.enable(model)
+        log.info("trainer.compile=%s: the dense step runs %s", self.cfg.get("compile", False),
+                 "compiled (the first step compiles or loads it)" if self.compile_pending else "eager")
         self.state = TrainState()
         self.eval_split = str(cfg.data.get("eval_split", "eval"))
         self._warned_single_class = False
