@@ -1,11 +1,10 @@
 """Why the trainer's step is slower inside a run than alone: the same step, the same batches, with
 and without a live parquet loader in the process.
 
-Measured 2026-11-30 (docs/benchmarks.md, "The step inside a run"): 26-27 ms alone, 44 ms once a
-`ParquetLoader` has produced a few batches, even while its thread sits idle on a full queue; 27 ms
-again once that loader's generator is closed. Not explained yet: not the GC, CPU affinity,
-OMP_WAIT_POLICY, torch thread counts, pyarrow reads, a torch op in another thread, nor a thread
-blocked on a queue (each tried here, none slowed the step).
+Seen 2026-11-30 with one-off scripts (docs/benchmarks.md, "The step inside a run"): 26-27 ms
+alone, 44 ms once a `ParquetLoader` had produced a few batches, even with its thread idle on a full
+queue; 27 ms again once that loader's generator was closed. This script's own first run, on a
+slower moment of the VM, did not show the gap: re-run it on a quiet machine.
 
     python scripts/bench_loader_gap.py fresh      # no loader
     python scripts/bench_loader_gap.py loader     # a live loader, idle
