@@ -67,3 +67,21 @@ def test_grid_without_budgets_says_so(tmp_path):
     make_run(tmp_path, 0, backend="full", auc=0.77)
     assert report.main([str(tmp_path), "--grid"]) == 0
     assert "No runs with emb.budget" in (tmp_path / "grid.md").read_text()
+
+
+def test_runs_of_two_models_are_never_one_group_nor_each_others_baseline(tmp_path):
+    dcn = {"name": "dcnv2", "bottom_mlp": [32, 16], "top_mlp": [32, 1], "cross_layers": 3, "low_rank": 64}
+    dlrm = {"name": "dlrm", "bottom_mlp": [32, 16], "top_mlp": [32, 1]}
+    job = 0
+    for model, full_auc, hashed_auc in ((dlrm, 0.770, 0.760), (dcn, 0.780, 0.779)):
+        for backend, auc in (("full", full_auc), ("hashed", hashed_auc)):
+            for seed in (1, 2):
+                make_run(tmp_path, job, backend=backend, seed=seed, auc=auc + seed * 1e-4, knobs={"model": model})
+                job += 1
+    assert report.main([str(tmp_path)]) == 0
+    groups = pd.read_csv(tmp_path / "report.csv")
+    assert len(groups) == 4  # (full, hashed) x (dlrm, dcnv2)
+    hashed = groups[groups["backend"] == "hashed"]
+    by_model = {("dcnv2" if "model.name=dcnv2" in k else "dlrm"): d for k, d in zip(hashed["knobs"], hashed["auc_diff_vs_full"])}
+    assert by_model["dcnv2"] == pytest.approx(-0.001)  # against dcnv2's full, named in the knobs
+    assert by_model["dlrm"] == pytest.approx(-0.010)   # against dlrm's full
