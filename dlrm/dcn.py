@@ -30,7 +30,7 @@ from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend
-from dlrm.model import AMP_DTYPES
+from dlrm.model import AMP_DTYPES, DLRM
 
 
 class DLRMDCN(nn.Module):
@@ -77,10 +77,7 @@ class DLRMDCN(nn.Module):
         self.over_arch = OverArch(width, list(top_mlp))
         self.compiled_dense_forward = None  # set by dlrm.compile.enable (trainer.compile)
 
-    def dense_parameters(self) -> list[nn.Parameter]:
-        """Parameters for the dense optimizer: everything but the embedding backend's."""
-        sparse = {id(p) for p in self.sparse_arch.parameters()}
-        return [p for p in self.parameters() if id(p) not in sparse]
+    dense_parameters = DLRM.dense_parameters  # everything but the embedding backend's
 
     def dense_forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """Everything after the embedding lookup: `dense [B, 13], pooled [B, sum(D_f)] -> logits

@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so a rename inside it survives an OS crash (not only a killed process)."""
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path (a directory: so a rename inside it survives an OS
+    crash, not only a killed process)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -48,7 +49,7 @@ def atomic_path(path: Path | str, durable: bool = False, suffix: str = "") -> It
                 os.fsync(f.fileno())
         os.replace(tmp, path)
         if durable:
-            fsync_dir(path.parent)
+            fsync_path(path.parent)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

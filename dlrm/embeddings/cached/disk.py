@@ -52,7 +52,8 @@ import numpy as np
 import torch
 
 from dlrm.embeddings.base import FP32_BYTES, TableSpec
-from dlrm.embeddings.cached.journal import UndoJournal, fsync_path, read_journal
+from dlrm.embeddings.cached.journal import UndoJournal, read_journal
+from dlrm.io import fsync_path
 
 log = logging.getLogger(__name__)
 

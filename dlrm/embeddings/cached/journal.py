@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dlrm.embeddings.base import FP32_BYTES, TableSpec
+from dlrm.io import fsync_path
 
 JOURNAL_HEADER = struct.Struct("<8sIIQ")  # magic, version, floats per row, epoch
 JOURNAL_MAGIC, JOURNAL_VERSION = b"DLRMUNDO", 1
@@ -35,15 +36,6 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_journal(file: Path, epoch: int, width: int) -> tuple[list[tuple[int, int]], int]:
