@@ -184,3 +184,30 @@ def test_loader_bad_input(tmp_path, tiny_dataset):
     part.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="not a readable parquet file"):
         ParquetLoader(broken, "eval", 8)
+
+
+def test_loader_thread_runs_torch_on_one_openmp_thread(tiny_dataset, monkeypatch):
+    """The loader thread's torch ops must not start a second OpenMP team (it throttles the
+    training step's team: dlrm.threads), and limiting that thread leaves the main thread alone."""
+    import threading
+
+    import dlrm.data.loader as loader_mod
+    from dlrm.threads import limit_this_thread
+
+    seen = {}
+
+    def recording_limit(threads: int = 1) -> bool:
+        ok = limit_this_thread(threads)
+        seen[threading.current_thread().name] = torch.get_num_threads()
+        return ok
+
+    monkeypatch.setattr(loader_mod, "limit_this_thread", recording_limit)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batches = list(ParquetLoader(tiny_dataset, "train", 256, seed=1).epoch(0))
+        assert batches
+        assert seen == {"parquet-loader": 1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -29,6 +29,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.data.schema import DENSE, LABEL, SPARSE, DatasetMeta
+from dlrm.threads import limit_this_thread
 
 
 @dataclass
@@ -358,6 +359,8 @@ class ParquetLoader:
                     worker.join(timeout=0.05)
 
     def _produce(self, epoch: int, q: queue.Queue, stop: threading.Event) -> None:
+        # a second OpenMP team for this thread's torch ops slows every training step (dlrm.threads)
+        limit_this_thread(1)
         try:
             batches = (b for chunk in self._chunks(epoch) for b in chunk.batches(self.batch_size))
             for batch in batches:
