@@ -61,3 +61,26 @@ def test_compare_interleaves_and_reports_the_ratio():
     r = compare(lambda b: seen.append(len(b)), batches, 0.1, 4, [8, 4], [8, 1], CARDS, warmup=1)
     assert seen == [4, 4, 4, 4] and r["pairs"] == 3
     assert r["ratio"] > 0 and r["reference_ms"] >= r["reference_min_ms"] > 0
+
+
+def test_gemm_floor_times_every_linear_layer(monkeypatch):
+    """The floor runs forward + both backward GEMMs for each nn.Linear, in the asked precision."""
+    from dlrm.bench import vs_reference
+
+    calls = []
+    real_mm = torch.mm
+
+    def spy(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape), a.dtype))
+        return real_mm(a, b)
+
+    monkeypatch.setattr(vs_reference.torch, "mm", spy)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    ms = vs_reference.gemm_floor_ms(model, 4, "bf16", reps=1)
+    assert ms > 0
+    per_rep = calls[:6]
+    assert per_rep == [
+        ((4, 13), (13, 8), torch.bfloat16), ((4, 8), (8, 13), torch.bfloat16), ((8, 4), (4, 13), torch.bfloat16),
+        ((4, 8), (8, 1), torch.bfloat16), ((4, 1), (1, 8), torch.bfloat16), ((1, 4), (4, 8), torch.bfloat16),
+    ]
+    assert len(calls) == 6 * 4  # 1 timed rep + 3 warm-up reps

@@ -17,6 +17,7 @@ jobs load the machine):
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,13 +50,18 @@ def run(args, compose, build, make_batches) -> dict:
     batches = make_batches(cards, args.batch_size, args.steps + args.warmup)
     bottom, top = list(cfg.model.bottom_mlp), list(cfg.model.top_mlp)
     r = compare(trainer.train_step, batches, REFERENCE_LR, cfg.emb.dim, bottom, top, cards, args.warmup)
+    floor_ms = gemm_floor_ms(model, args.batch_size, precision, args.steps)
     del trainer, model
-    out = {"precision": precision, "threads": args.threads, "batch_size": args.batch_size, **r}
+    out = {"precision": precision, "threads": args.threads, "batch_size": args.batch_size, **r,
+           "gemm_floor_ms": floor_ms}
     print(
         f"step only, batch {args.batch_size}, {args.threads} threads, {r['pairs']} interleaved pairs: "
         f"reference (fp32, sparse SGD) {r['reference_ms']:.1f} ms (min {r['reference_min_ms']:.1f}), "
         f"ours ({precision}) {r['ours_ms']:.1f} ms (min {r['ours_min_ms']:.1f}); "
-        f"reference/ours {r['ratio']:.2f}x",
+        f"reference/ours {r['ratio']:.2f}x\n"
+        f"the MLPs' GEMMs alone ({precision}, forward + both backward GEMMs of every layer): "
+        f"{floor_ms:.1f} ms (a floor under any step of this model here); "
+        f"reference/floor {r['reference_ms'] / floor_ms:.2f}x",
         flush=True,
     )
     if args.end_to_end:
@@ -63,6 +69,30 @@ def run(args, compose, build, make_batches) -> dict:
     if args.json:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
     return out
+
+
+def gemm_floor_ms(model: torch.nn.Module, batch_size: int, precision: str, reps: int = 30) -> float:
+    """Median ms of the matrix products every training step of `model` must do: for each
+    `nn.Linear` (in -> out) at batch B, forward [B, in] x [in, out], and backward's two GEMMs
+    (grad input [B, out] x [out, in], grad weight [out, B] x [B, in]), in `precision` (bf16 or
+    fp32), on random data. Nothing else (embeddings, interaction, optimizer, casts) is in it, so
+    it is a floor under any step of this model on this CPU, not a step time."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ops = []
+    for n_in, n_out in shapes:
+        x, w = torch.randn(batch_size, n_in, dtype=dtype), torch.randn(n_out, n_in, dtype=dtype)
+        gy = torch.randn(batch_size, n_out, dtype=dtype)
+        ops.append((x, w, gy))
+    times = []
+    for _ in range(reps + 3):
+        t0 = time.perf_counter()
+        for x, w, gy in ops:
+            torch.mm(x, w.t())
+            torch.mm(gy, w)
+            torch.mm(gy.t(), x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:]) * 1e3
 
 
 def _end_to_end(args, precision, first, batches, cfg, bottom, top, cards) -> dict:
