@@ -11,9 +11,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.data.counts import ensure_counts, table_counts
 from dlrm.data.schema import SPARSE, DatasetMeta
-from dlrm.embeddings import Runtime, TableSpec, build_embeddings
+from dlrm.embeddings import TableSpec, build_embeddings
 from dlrm.embeddings.hashed import PRIME, hash_coefficients
-from dlrm.embeddings.hybrid import HybridEmbeddings, hybrid_sizes
+from dlrm.embeddings.hybrid import hybrid_sizes
 from dlrm.embeddings.tables import tbe_bytes
 from dlrm.train import run
 

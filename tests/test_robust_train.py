@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -24,7 +23,7 @@ from hydra import compose, initialize_config_dir
 
 from dlrm import checkpoint
 from dlrm.checkpoint import CHECKPOINT_DIR, checkpoint_files
-from dlrm.data.schema import META_FILE, DatasetMeta
+from dlrm.data.schema import DatasetMeta
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
 from dlrm.train import UndefinedMetric, check_overrides, run, sweep_metric
 from dlrm.trainer import Interrupted, StopOnSignal, Trainer
