@@ -36,7 +36,7 @@ def _env() -> dict:
 
 
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, check=False, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
