@@ -138,7 +138,8 @@ def wrap(model: DLRM, cfg: DictConfig, device: torch.device) -> DistributedDLRM:
     """`model` with its tables sharded by DMP over the process group (see module doc).
 
     Raises ConfigError (every rank, same line) for emb=cached, a bad emb.sharding, an optimizer
-    fbgemm cannot fuse, or a plan that cannot be made."""
+    fbgemm cannot fuse, or a plan that cannot be made; RuntimeError if torchrec's gradient
+    division was turned off in this process (see dlrm/distributed/tables.py, "Gradients")."""
     types = sharding_types(str(cfg.emb.get("sharding", "auto")), device)
     if not comm_ops.get_gradient_division():
         # Our tables' gradients are right only with torchrec's 1/world-size division in its
