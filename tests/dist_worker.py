@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2` (one launch for all cases):
 
-    torchrun --standalone --nproc_per_node=2 tests/dist_worker.py DATA OUT.json [--precision bf16] BACKEND...
+    torchrun --standalone --nproc_per_node=2 tests/dist_worker.py DATA OUT.json [--precision bf16|fp64] BACKEND...
 
 1. Before joining the process group, each rank trains its share of the backends (rank r: every
    2nd from the r-th) as a plain single-process model on the whole global batch: the 1-process
@@ -106,12 +106,31 @@ def replicated_tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items() if isinstance(v, torch.Tensor) and not hasattr(v, "local_shards")}
 
 
+def dense_in_fp64(model) -> None:
+    """Run everything after the lookup in fp64 (`--precision fp64`): the losses of 1 and 2 processes
+    then differ by what fp32 summation order leaves in the tables' updates alone."""
+    from dlrm.model import _PairwiseDots
+
+    model.dense_arch.double()
+    model.over_arch.double()
+
+    def dense_forward(dense, embedded):
+        d = model.dense_arch(dense.double())
+        t = torch.cat([d.unsqueeze(1), embedded.double()], dim=1)
+        x = torch.cat([d, _PairwiseDots.apply(t, model.inter_arch.flat_index)], dim=1)
+        return model.over_arch(x).squeeze(1)
+
+    model.dense_forward = dense_forward
+
+
 def run(name: str, data: Path, env, precision: str) -> dict:
-    cfg = config(BACKENDS[name], precision)
+    cfg = config(BACKENDS[name], "fp32" if precision == "fp64" else precision)
     torch.manual_seed(cfg.seed)
     loader = ParquetLoader(data, "train", batch_size=2 * B, shuffle=False)
     cardinalities = {f: loader.cardinalities[f] for f in SPARSE}
     model = build_model(cfg, cardinalities, torch.device("cpu"), loader.dense_width)
+    if precision == "fp64":
+        dense_in_fp64(model)
     if env.distributed:
         from dlrm.distributed.model import wrap
 
@@ -128,7 +147,8 @@ def run(name: str, data: Path, env, precision: str) -> dict:
             dense, labels = batch.dense[lo:hi], batch.labels[lo:hi]
         else:
             kjt, dense, labels = batch.sparse, batch.dense, batch.labels
-        loss = F.binary_cross_entropy_with_logits(model(dense, kjt), labels)
+        logits = model(dense, kjt)
+        loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -182,7 +202,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("data", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"],
+                   help="trainer.precision; fp64: MLPs and interaction in float64, tables fp32")
     p.add_argument("--no-refusals", action="store_true")
     p.add_argument("backends", nargs="+", choices=sorted(BACKENDS))
     args = p.parse_args()
