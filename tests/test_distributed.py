@@ -3,9 +3,9 @@ outputs, one-line refusals, and the loader's rank sharding.
 
 The 2-process runs are subprocesses (`torchrun --nproc_per_node=2`), a few steps on the tiny
 dataset. Starting a process (torch, torchrec, fbgemm imports) is most of what a launch costs on
-2 cores, so launches are shared: one runs tests/dist_worker.py (every model-level comparison
-against one process, and the refusals), one straight CLI run is both the rank-0-outputs check and
-the reference the killed-then-resumed run must equal.
+2 cores, so launches are shared (5 in all): one runs tests/dist_worker.py (every model-level
+comparison against one process, and the refusals); one two-"node" CLI run is the rendezvous
+check, the rank-0-outputs check and the reference the killed-then-resumed run must equal.
 """
 
 from __future__ import annotations
@@ -93,25 +93,33 @@ def test_a_plan_that_cannot_fit_fails_with_one_line_on_every_rank(tiny_dataset, 
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-# The CLI runs below share one config; the straight run is also the reference for the resumed one.
+# The CLI runs below share one config; the straight (two-node) run is also the reference for the
+# killed-then-resumed (one-node) one.
 CKPT_EVERY, STRAIGHT_STEPS = 4, 16
 
 
 def _cli_args(data_root: Path, out: Path, max_steps: int) -> list[str]:
-    return [*tiny_overrides(data_root), "emb=hashed", f"trainer.checkpoint_every={CKPT_EVERY}",
+    # table_wise: the same plan for 2 nodes x 1 process and 1 node x 2 (auto may differ by topology)
+    return [*tiny_overrides(data_root), "emb=hashed", "emb.sharding=table_wise", f"trainer.checkpoint_every={CKPT_EVERY}",
             "trainer.eval_batches=2", f"trainer.max_steps={max_steps}", f"hydra.run.dir={out}"]
 
 
 @pytest.fixture(scope="module")
 def straight_run(tiny_dataset, data_root, tmp_path_factory):
-    """(run dir, stdout) of `torchrun --nproc_per_node=2 -m dlrm.train`, 16 steps, checkpoints every 4."""
+    """(run dir, stdout of both) of two torchrun invocations ("nodes" of one process each) that
+    meet at a c10d rendezvous on 127.0.0.1 and train together: 16 steps, checkpoints every 4."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    proc = _run([*TORCHRUN, "-m", "dlrm.train", *_cli_args(data_root, out, STRAIGHT_STEPS)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    rdzv = [f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_backend=c10d", "--rdzv_id=two-nodes"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *rdzv,
+           "-m", "dlrm.train", *_cli_args(data_root, out, STRAIGHT_STEPS)]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    return out, outputs[0][0] + outputs[1][0]
 
 
-def test_torchrun_cli_run_writes_results_on_rank_zero_only(straight_run):
+def test_two_nodes_train_together_and_rank_zero_alone_writes_results(straight_run):
     out, stdout = straight_run
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2
@@ -183,20 +191,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_two_nodes_of_one_process_train_together(tiny_dataset, data_root, tmp_path):
-    """Two torchrun invocations ("nodes") meeting at a c10d rendezvous on localhost."""
-    out = tmp_path / "run"
-    rdzv = [f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_backend=c10d", "--rdzv_id=two-nodes"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *rdzv,
-           "-m", "dlrm.train", *tiny_overrides(data_root), "trainer.max_steps=4", f"hydra.run.dir={out}"]
-    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outputs = [n.communicate(timeout=300) for n in nodes]
-    assert all(n.returncode == 0 for n in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["world_size"] == 2 and results["samples"] == 4 * 2 * 256
 
 
 def test_a_killed_rank_stops_the_run_and_it_resumes_exactly_from_the_last_checkpoint(
