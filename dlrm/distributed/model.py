@@ -19,7 +19,7 @@ import os
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed import DistributedModelParallel, comm_ops
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import (
     EmbeddingShardingPlanner,
@@ -138,8 +138,16 @@ def wrap(model: DLRM, cfg: DictConfig, device: torch.device) -> DistributedDLRM:
     """`model` with its tables sharded by DMP over the process group (see module doc).
 
     Raises ConfigError (every rank, same line) for emb=cached, a bad emb.sharding, an optimizer
-    fbgemm cannot fuse, or a plan that cannot be made."""
+    fbgemm cannot fuse, or a plan that cannot be made; RuntimeError if torchrec's gradient
+    division was turned off in this process (see dlrm/distributed/tables.py, "Gradients")."""
     types = sharding_types(str(cfg.emb.get("sharding", "auto")), device)
+    if not comm_ops.get_gradient_division():
+        # Our tables' gradients are right only with torchrec's 1/world-size division in its
+        # output all-to-all's backward (its default); someone turned it off in this process.
+        raise RuntimeError(
+            "torchrec.distributed.comm_ops.set_gradient_division(False) is in effect: sharded tables "
+            "would get world-size times their gradient; leave it at torchrec's default (True)"
+        )
     tables = ShardedTables(model.sparse_arch, cfg.optim.sparse, str(cfg.emb.get("pooling", "sum")))
     model.sparse_arch = tables
     if tables.ebc is None:  # tt alone: nothing to shard; DMP still wraps the model in DDP
@@ -161,7 +169,7 @@ def wrap(model: DLRM, cfg: DictConfig, device: torch.device) -> DistributedDLRM:
         f"{name} {kind} ranks {module_plan[name].ranks}" for name, kind in placed.items()
     )
     tables = dmp.module.sparse_arch
-    tables.set_plan(placed, distributed.world_size(), text)
+    tables.set_plan(text)
     tables.load_initial_weights(dmp.module.state_dict())
     log.info("%s", text)
     return DistributedDLRM(dmp)

@@ -20,10 +20,11 @@ initial weights in, so a distributed run starts from exactly the weights a plain
 same seed starts from. Tables are updated fused in backward by torchrec's fused kernels (fbgemm),
 with the optimizer of `optim.sparse` set through `apply_optimizer_in_backward`.
 
-Gradients. torchrec sums the pooled-output gradients every rank sends to a table's owner, each
-rank's loss being a mean over its own batch; DDP averages. `forward` scales the gradient of the
-outputs of tables that are not data-parallel by 1 / world size, so every table and every dense
-weight moves as in one process with the global batch (tested against one process).
+Gradients. Each rank's loss is the mean over its own batch. torchrec's output all-to-all divides
+the gradients it sends back to a table's owner by the world size in backward
+(`torchrec.distributed.comm_ops.GRADIENT_DIVISION`, on by default; `wrap` checks it), and DDP
+averages the replicated weights' gradients: every table and every dense weight moves as in one
+process with the global batch (tested against one process, with SGD, whose step shows the scale).
 """
 
 from __future__ import annotations
@@ -47,19 +48,6 @@ from dlrm.embeddings.tables import check_fused_optimizer
 IN_BACKWARD = {"sgd": TrecSGD, "rowwise_adagrad": RowWiseAdagrad, "adagrad": TrecAdagrad}
 POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 EBC_PREFIX = "sparse_arch.ebc."  # where the collection sits in DLRM (sharding plan keys)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by `scale` ([B, D] -> [B, D])."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
 
 
 def _parts(backend: EmbeddingBackend) -> list[EmbeddingBackend]:
@@ -110,14 +98,13 @@ class ShardedTables(EmbeddingBackend):
         self._bytes = sum(_config_bytes(c, optim.name) for c in configs)
         self.table_features = {c.name: list(c.feature_names) for c in configs}
         self.group_permute: list[int] | None = None
-        self.grad_scale: dict[str, float] = {}  # per collection feature, set by `set_plan`
         self.plan_text = ""
 
     # -- after DMP -------------------------------------------------------------------------
 
-    def set_plan(self, sharding_types: dict[str, str], world_size: int, plan_text: str) -> None:
-        """Record the plan: `sharding_types` {table name: ShardingType value}; the gradient of a
-        table's outputs is scaled by 1/world_size unless it is data-parallel (see module doc)."""
+    def set_plan(self, plan_text: str) -> None:
+        """Record the plan (its text, for `describe`) and make the optimizer of the tables DMP
+        placed data-parallel (if any)."""
         self.plan_text = plan_text
         # Data-parallel tables use torchrec's dense kernel, which fuses no optimizer: their
         # gradients (averaged by DDP) are stepped here, like the TT cores, by the same rule.
@@ -126,10 +113,6 @@ class ShardedTables(EmbeddingBackend):
         ]
         if replicated:
             self.replicated_optimizer = self.optim_class(replicated, **self.optim_kwargs)
-        for name, features in self.table_features.items():
-            scale = 1.0 if sharding_types[name] == "data_parallel" else 1.0 / world_size
-            for f in features:
-                self.grad_scale[f] = scale
 
     @torch.no_grad()
     def load_initial_weights(self, state: dict) -> None:
@@ -163,9 +146,7 @@ class ShardedTables(EmbeddingBackend):
         if lookups:
             kjt = lookups[0] if len(lookups) == 1 else KeyedJaggedTensor.concat(lookups)
             # Sharded outputs may come back in another key order: index by key only.
-            for key, value in self.ebc(kjt).to_dict().items():
-                scale = self.grad_scale.get(key, 1.0)
-                pooled[key] = _ScaleGrad.apply(value, scale) if self.training and scale != 1.0 else value
+            pooled = self.ebc(kjt).to_dict()
         blocks = []
         for part, kind in zip(self.parts, self.kinds):
             for f in part.features:
