@@ -13,7 +13,8 @@ queue), as in a run.
 `--against` builds a second Trainer with the extra overrides and times both on the same held
 batches, alternating A B B A per batch, so a shared machine's drift hits both alike; it prints
 each one's median and minimum step, the ratio of the medians, and the voluntary context switches
-per step (`ru_nvcsw`: hundreds per step mean OpenMP threads are put to sleep, docs/benchmarks.md).
+per step (`ru_nvcsw`: hundreds per step mean OpenMP threads are put to sleep, docs/benchmarks.md)
+and the process CPU time per step (all threads; on a loaded machine the steadier figure).
 """
 
 from __future__ import annotations
@@ -60,19 +61,27 @@ def side_by_side(trainers: dict[str, Trainer], held: list, warmup: int) -> dict:
     """Median/min step ms of each trainer on `held`, A B B A per batch, and nvcsw per step."""
     names = list(trainers)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     switches: dict[str, int] = {n: 0 for n in names}
     for i, batch in enumerate(held):
         for name in names if i % 2 == 0 else names[::-1]:
-            c0 = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+            u0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             trainers[name].train_step(batch)
             dt = (time.perf_counter() - t0) * 1e3
+            u1 = resource.getrusage(resource.RUSAGE_SELF)
             if i >= warmup:
                 times[name].append(dt)
-                switches[name] += resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - c0
+                cpu[name].append((u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime) * 1e3)
+                switches[name] += u1.ru_nvcsw - u0.ru_nvcsw
     steps = len(held) - warmup
     out = {
-        n: {"median_ms": statistics.median(t), "min_ms": min(t), "nvcsw_per_step": switches[n] / steps}
+        n: {
+            "median_ms": statistics.median(t),
+            "min_ms": min(t),
+            "cpu_ms": statistics.median(cpu[n]),  # process CPU time: all threads, spinning included
+            "nvcsw_per_step": switches[n] / steps,
+        }
         for n, t in times.items()
     }
     out["ratio_of_medians"] = out[names[1]]["median_ms"] / out[names[0]]["median_ms"]
