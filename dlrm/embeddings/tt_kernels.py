@@ -12,9 +12,12 @@ Example::
     pooled = tt_embedding_bag(cores, shape, ids, offsets, "sum")  # [bags, 16]
 
 The fast lookup (`tt_rows`) computes each distinct id once, shares the partial product of the
-leading cores between ids with the same leading digits, and runs the big middle core as one
-batched GEMM per digit group instead of copying an `r x q x r` slice per id. `tt_rows_naive`
-is the per-id gather it replaces (kept as the reference for tests and the benchmark).
+leading cores between ids with the same leading digits, and runs each later core as batched
+GEMMs over chunks of prefixes grouped by digit instead of copying an `r x q x r` slice per id
+(the plan and the forward/backward kernels: tt_autograd.py). `tt_rows_multi` does the same for
+several tables of equal ranks and dim factors in one lookup, their cores stacked (what `emb=tt`
+runs). `tt_rows_naive` is the per-id gather it replaces (kept as the reference for tests and
+the benchmark).
 """
 
 from __future__ import annotations
