@@ -134,10 +134,9 @@ class TTRows(torch.autograd.Function):
                 x = x.reshape(chunks, lv.groups * Q, r)
                 out, store = _store(x, chunks, chunks * lv.groups, Q, q, r2)
                 spilled = slices.index_select(0, lv.extra) if lv.extra is not None else None
-                flip = _transposed(lv, Q, q * r2)
-                _bmm(x[:p], slices, out[:p], flip)  # [p, c Q, q r']
+                torch.bmm(x[:p], slices, out=out[:p])  # [p, c Q, q r']
                 if spilled is not None:
-                    _bmm(x[p:], spilled, out[p:], flip)  # [E, c Q, q r']
+                    torch.bmm(x[p:], spilled, out=out[p:])  # [E, c Q, q r']
                 saved.append((x, spilled))
             else:
                 a = store.index_select(0, lv.src)  # [n, Q, r]
@@ -172,10 +171,9 @@ class TTRows(torch.autograd.Function):
             if lv.grouped:
                 x, spilled = saved[k - 1]  # [p + E, c Q, r], [E, r, q r']
                 gy = g.reshape(x.shape[0], -1, q * r2)  # [p + E, c Q, q r']
-                flip = _transposed(lv, x.shape[1] // lv.groups, q * r2)
-                grad = _weight_grad(x[:p], gy[:p], flip)  # [p, r, q r']
+                grad = torch.bmm(x[:p].transpose(1, 2), gy[:p])  # [p, r, q r']
                 if spilled is not None:  # overflow chunks: their slices' gradients, per digit
-                    spill_grad = _weight_grad(x[p:], gy[p:], flip).reshape(len(lv.extra), -1)
+                    spill_grad = torch.bmm(x[p:].transpose(1, 2), gy[p:]).reshape(len(lv.extra), -1)
                     grad.view(p, -1).index_add_(0, lv.extra, spill_grad)
                 grads[k] = grad.reshape(core.shape)
                 gx = torch.empty_like(x)  # [p + E, c Q, r]
@@ -216,32 +214,8 @@ def _store(
     return out, buf.view(rows + 1, Q * q, r)
 
 
-def _transposed(lv: _Level, Q: int, width: int) -> bool:
-    """Run a grouped core's GEMMs transposed when its slices are narrower than the group.
-
-    MKL's small GEMMs are slow with few output columns: for the last core (q r' = 4 at D = 16)
-    core^T @ x^T measured 1.3-1.9x faster than x @ core on one thread.
-    """
-    return width < lv.groups * Q
-
-
 def _store_rows(lv: _Level, saved) -> int:
     return saved[0].shape[0] * (lv.groups if lv.grouped else 1)
-
-
-def _bmm(x: torch.Tensor, slices: torch.Tensor, out: torch.Tensor, flip: bool) -> None:
-    """out = x @ slices ([b, m, r] @ [b, r, w]); with `flip`, as (slices^T @ x^T)^T."""
-    if flip:  # y^T = G^T x^T: a wide GEMM instead of N = q r' output columns
-        out.copy_(torch.bmm(slices.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2))
-    else:
-        torch.bmm(x, slices, out=out)
-
-
-def _weight_grad(x: torch.Tensor, gy: torch.Tensor, flip: bool) -> torch.Tensor:
-    """x^T @ gy ([b, r, w] from [b, m, r] and [b, m, w]); with `flip`, as (gy^T @ x)^T."""
-    if flip:
-        return torch.bmm(gy.transpose(1, 2), x).transpose(1, 2).contiguous()
-    return torch.bmm(x.transpose(1, 2), gy)
 
 
 def _chunk(count: torch.Tensor, most: int = 256) -> int:
