@@ -292,6 +292,16 @@ def test_backend_forward_backward_matches_materialized_tables(ranks, fused):
         assert_close(g, g_ref)
 
 
+def test_backend_empty_batch_gives_empty_output():
+    """A rank's empty share of an eval batch (distributed): [0, F * D] out, no error."""
+    cfg = emb_cfg(rank=4)
+    tables = [TableSpec("t_A", 1700, 16, ("A",)), TableSpec("t_B", 900, 16, ("B",))]
+    emb = TTEmbeddings(tables, cfg, SPARSE_OPTIM, CPU)
+    empty = KeyedJaggedTensor(keys=["A", "B"], values=torch.zeros(0, dtype=torch.long),
+                              lengths=torch.zeros(0, dtype=torch.long), stride=0)
+    assert emb(empty).values().shape == (0, 32)
+
+
 def test_out_of_range_id_is_an_error_naming_the_feature():
     tables = [TableSpec("t_A", 1000, 16, ("A",)), TableSpec("t_B", 1000, 16, ("B",))]
     emb = TTEmbeddings(tables, emb_cfg(rank=4), SPARSE_OPTIM, CPU)

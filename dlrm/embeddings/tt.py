@@ -180,7 +180,8 @@ class TTEmbeddings(EmbeddingBackend):
         rows = tt_rows_multi(cores, shapes, keys // stride, keys % stride)
         pooled = pool(rows, inverse, features.offsets(), self.pooling)  # [F * B, D], key-major
         batch, dim = features.stride(), shapes[0].dim
-        values = pooled.view(-1, batch, dim).transpose(0, 1).reshape(batch, -1)  # [B, F * D]
+        width = len(self.features) * dim  # explicit: an empty batch (a rank's share) has B = 0
+        values = pooled.view(len(self.features), batch, dim).transpose(0, 1).reshape(batch, width)
         return KeyedTensor(keys=self.features, length_per_key=self.dims, values=values)
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
