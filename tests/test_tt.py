@@ -15,7 +15,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dlrm.data.schema import KAGGLE_CARDINALITIES
 from dlrm.embeddings import TableSpec, build_embeddings
 from dlrm.embeddings.tt import TTEmbeddings
+from dlrm.embeddings.tt_autograd import TTRows, plan_levels
 from dlrm.embeddings.tt_kernels import (
+    _prefixes,
     factor_dim,
     factor_rows,
     init_cores,
@@ -26,8 +28,6 @@ from dlrm.embeddings.tt_kernels import (
     tt_rows_naive,
     tt_shape,
 )
-from dlrm.embeddings.tt_autograd import TTRows, plan_levels
-from dlrm.embeddings.tt_kernels import _prefixes
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 CPU = torch.device("cpu")
@@ -266,7 +266,7 @@ def test_backend_built_from_config_compresses_only_large_tables():
 def test_backend_forward_backward_matches_materialized_tables(ranks, fused):
     """Through KJT and KeyedTensor: two tables, one of them shared by two features, mean pooling;
     one lookup for both tables (equal ranks), or one per table (t_A's ranks differ)."""
-    shapes = "{t_A: {rows: [10, 12, 15]%s}}" % ranks
+    shapes = f"{{t_A: {{rows: [10, 12, 15]{ranks}}}}}"
     cfg = emb_cfg(rank=4, **{"emb.pooling": "mean", "emb.shapes": shapes})
     tables = [TableSpec("t_A", 1700, 16, ("A",)), TableSpec("t_B", 900, 16, ("B1", "B2"))]
     emb = TTEmbeddings(tables, cfg, SPARSE_OPTIM, CPU).double()

@@ -22,9 +22,22 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec, check_ids_in_range, per_table
+from dlrm.embeddings.base import (
+    EmbeddingBackend,
+    Runtime,
+    TableSpec,
+    check_ids_in_range,
+    per_table,
+)
 from dlrm.embeddings.policy import POLICY_OPTIONS, resolve_table
-from dlrm.embeddings.tt_kernels import TTShape, init_cores, pool, tt_rows, tt_rows_multi, tt_shape
+from dlrm.embeddings.tt_kernels import (
+    TTShape,
+    init_cores,
+    pool,
+    tt_rows,
+    tt_rows_multi,
+    tt_shape,
+)
 from dlrm.options import Opt
 
 OPTIMIZERS = ("adagrad", "sgd")
