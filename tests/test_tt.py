@@ -15,13 +15,16 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dlrm.data.schema import KAGGLE_CARDINALITIES
 from dlrm.embeddings import TableSpec, build_embeddings
 from dlrm.embeddings.tt import TTEmbeddings
+from dlrm.embeddings.tt_autograd import TTRows, plan_levels
 from dlrm.embeddings.tt_kernels import (
+    _prefixes,
     factor_dim,
     factor_rows,
     init_cores,
     materialize,
     tt_embedding_bag,
     tt_rows,
+    tt_rows_multi,
     tt_rows_naive,
     tt_shape,
 )
@@ -177,6 +180,54 @@ def test_fast_path_equals_naive_per_id_gather(cores, skew):
         assert_close(g, g_ref)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, None])
+def test_grouped_chunks_with_overflow_equal_naive(chunk):
+    """Grouped cores in chunks of c prefixes, the hot digits spilling into overflow chunks that
+    run against copies of their slices: values and core gradients as the per-id gather."""
+    rows = 20_000
+    shape = tt_shape(rows, 16, cores=3, rank=6)
+    params = double_cores(shape, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.cat([torch.randint(0, rows, (300,), generator=gen), torch.randint(0, 400, (300,), generator=gen)])
+    uid = torch.unique(ids)
+    digits, parents = _prefixes([shape], None, uid)
+    levels = plan_levels(digits, parents, shape.core_shapes, shape.dim_factors, "grouped", chunk)
+    if chunk is not None and chunk < 3:
+        assert all(lv.extra is not None for lv in levels)  # the overflow path runs
+    fast = TTRows.apply(levels, shape, *params)
+    naive = tt_rows_naive(params, shape, uid)
+    w = torch.randn(fast.shape, generator=gen, dtype=torch.float64)
+    assert_close(fast, naive)
+    for g, g_ref in zip(grads(fast, w, params), grads(naive, w, params)):
+        assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("method", ["auto", "grouped", "gather"])
+def test_multi_table_lookup_equals_each_table_alone(method):
+    """Tables of different row factors (and hence sizes, digit counts, padding) in ONE lookup."""
+    shapes = [tt_shape(n, 16, cores=3, rank=5) for n in (20_000, 3_000, 700)]
+    assert len({s.row_factors for s in shapes}) == 3
+    params = [double_cores(s, seed=i) for i, s in enumerate(shapes)]
+    gen = torch.Generator().manual_seed(5)
+    uids = [torch.unique(torch.randint(0, s.rows, (200,), generator=gen) % (s.rows // k)) for k, s in
+            zip((1, 20, 1), shapes)]  # the middle table's ids hot: its digits crowd
+    table = torch.cat([torch.full((len(u),), t) for t, u in enumerate(uids)])
+    out = tt_rows_multi(params, shapes, table, torch.cat(uids), method)
+    ref = torch.cat([tt_rows_naive(p, s, u) for p, s, u in zip(params, shapes, uids)])
+    flat = [c for p in params for c in p]
+    w = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    assert_close(out, ref)
+    for g, g_ref in zip(grads(out, w, flat), grads(ref, w, flat)):
+        assert_close(g, g_ref)
+
+
+def test_multi_table_lookup_needs_equal_ranks_and_dims():
+    shapes = [tt_shape(3000, 16, rank=4), tt_shape(3000, 16, rank=5)]
+    params = [init_cores(s) for s in shapes]
+    with pytest.raises(ValueError, match="differ in dim factors or ranks"):
+        tt_rows_multi(params, shapes, torch.tensor([0, 1]), torch.tensor([3, 4]))
+
+
 def test_padding_rows_are_never_read():
     """Leading-core slices that only padded ids use are poisoned: valid ids never see them."""
     shape = tt_shape(1000, 16, rank=4, row_factors=[12, 10, 10])  # ids 1000..1199 are padding
@@ -211,12 +262,16 @@ def test_backend_built_from_config_compresses_only_large_tables():
     assert [type(o).__name__ for o in emb.optimizers()] == ["Adagrad"]
 
 
-def test_backend_forward_backward_matches_materialized_tables():
-    """Through KJT and KeyedTensor: two tables, one of them shared by two features, mean pooling."""
-    cfg = emb_cfg(rank=4, **{"emb.pooling": "mean", "emb.shapes": "{t_A: {rows: [10, 12, 15]}}"})
+@pytest.mark.parametrize("ranks, fused", [("", True), (", ranks: [3, 4]", False)])
+def test_backend_forward_backward_matches_materialized_tables(ranks, fused):
+    """Through KJT and KeyedTensor: two tables, one of them shared by two features, mean pooling;
+    one lookup for both tables (equal ranks), or one per table (t_A's ranks differ)."""
+    shapes = f"{{t_A: {{rows: [10, 12, 15]{ranks}}}}}"
+    cfg = emb_cfg(rank=4, **{"emb.pooling": "mean", "emb.shapes": shapes})
     tables = [TableSpec("t_A", 1700, 16, ("A",)), TableSpec("t_B", 900, 16, ("B1", "B2"))]
     emb = TTEmbeddings(tables, cfg, SPARSE_OPTIM, CPU).double()
     assert emb.shapes["t_A"].row_factors == (10, 12, 15)
+    assert emb._fused is fused
     gen = torch.Generator().manual_seed(0)
     bags = [random_bags(1700, 8, 4, gen), random_bags(900, 8, 4, gen), random_bags(900, 8, 4, gen)]
     features = kjt(["A", "B1", "B2"], bags)
@@ -235,6 +290,16 @@ def test_backend_forward_backward_matches_materialized_tables():
     ref = torch.cat(blocks, 1)
     for g, g_ref in zip(got, grads(ref, w, params)):
         assert_close(g, g_ref)
+
+
+def test_backend_empty_batch_gives_empty_output():
+    """A rank's empty share of an eval batch (distributed): [0, F * D] out, no error."""
+    cfg = emb_cfg(rank=4)
+    tables = [TableSpec("t_A", 1700, 16, ("A",)), TableSpec("t_B", 900, 16, ("B",))]
+    emb = TTEmbeddings(tables, cfg, SPARSE_OPTIM, CPU)
+    empty = KeyedJaggedTensor(keys=["A", "B"], values=torch.zeros(0, dtype=torch.long),
+                              lengths=torch.zeros(0, dtype=torch.long), stride=0)
+    assert emb(empty).values().shape == (0, 32)
 
 
 def test_out_of_range_id_is_an_error_naming_the_feature():

@@ -10,6 +10,10 @@ so grows with table size, unlike fused tables.
     python scripts/bench.py --backends full tt --caps 0  # what you want, Kaggle sizes
     python scripts/bench.py --json
     python scripts/bench.py --vs-reference [--end-to-end]  # vs the reference DLRM: bench/vs_reference.py
+
+The model here runs eager and in fp32 unless --precision says otherwise; the trainer runs
+trainer.precision=auto and trainer.compile=auto. For one backend against another as the trainer
+runs them (e.g. the TT/full ratio), use scripts/bench_trainer_step.py --against "emb=tt rank=32".
 """
 
 from __future__ import annotations

@@ -22,9 +22,22 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec, check_ids_in_range, per_table
+from dlrm.embeddings.base import (
+    EmbeddingBackend,
+    Runtime,
+    TableSpec,
+    check_ids_in_range,
+    per_table,
+)
 from dlrm.embeddings.policy import POLICY_OPTIONS, resolve_table
-from dlrm.embeddings.tt_kernels import TTShape, init_cores, pool, tt_rows, tt_shape
+from dlrm.embeddings.tt_kernels import (
+    TTShape,
+    init_cores,
+    pool,
+    tt_rows,
+    tt_rows_multi,
+    tt_shape,
+)
 from dlrm.options import Opt
 
 OPTIMIZERS = ("adagrad", "sgd")
@@ -119,6 +132,15 @@ class TTEmbeddings(EmbeddingBackend):
         else:
             self._optimizer = torch.optim.SGD(params, lr=lr, fused=True)
         self._checked_keys = False
+        # One lookup for all tables when their TT shapes allow stacking the cores (the default:
+        # one rank, cores and dim for all); else one per table.
+        shapes = [self.shapes[t.name] for t in self.tables]
+        self._fused = len({(s.cores, s.dim_factors, s.ranks) for s in shapes}) == 1
+        owner = [i for i, t in enumerate(self.tables) for _ in t.features]
+        # buffers (not state): they follow the module to its device, checkpoints do not hold them
+        self.register_buffer("_feature_table", torch.tensor(owner, device=device), persistent=False)  # [F]
+        rows = torch.tensor([t.rows for t in self.tables], device=device)
+        self.register_buffer("_table_rows", rows, persistent=False)  # [T]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if not self._checked_keys:
@@ -132,6 +154,8 @@ class TTEmbeddings(EmbeddingBackend):
             return self._lookup(features)
 
     def _lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if self._fused:
+            return self._lookup_fused(features)
         batch = features.stride()
         blocks = []
         for t, ids, bag_offsets in per_table(self.tables, features):
@@ -149,6 +173,28 @@ class TTEmbeddings(EmbeddingBackend):
             else:  # features sharing a table: [n, B, D] -> n blocks of [B, D]
                 blocks.extend(pooled.view(n, batch, t.dim).unbind(0))
         values = torch.cat(blocks, 1)
+        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=values)
+
+    def _lookup_fused(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """All tables in one lookup (tt_rows_multi): one unique over `table * stride + id`, one
+        plan, one GEMM per core for the whole batch, instead of ~40 small ops per table (each an
+        OpenMP region: the per-table loop was most of TT's step on 2 cores)."""
+        ids = features.values().long()
+        lengths = torch.tensor(features.length_per_key(), device=ids.device)
+        table = torch.repeat_interleave(self._feature_table, lengths, output_size=ids.numel())
+        # TT must never see an id >= rows: it would silently read a padded (or wrapped) row.
+        if ids.numel() and bool((ids.lt(0) | ids.ge(self._table_rows.index_select(0, table))).any()):
+            check_ids_in_range(features, self.tables)  # raises, naming the feature
+            raise ValueError(f"TT ids outside their tables' rows {self._table_rows.tolist()}")
+        stride = int(self._table_rows.max())
+        keys, inverse = torch.unique(table * stride + ids, sorted=True, return_inverse=True)
+        shapes = [self.shapes[t.name] for t in self.tables]
+        cores = [list(self.cores[t.name]) for t in self.tables]
+        rows = tt_rows_multi(cores, shapes, keys // stride, keys % stride)
+        pooled = pool(rows, inverse, features.offsets(), self.pooling)  # [F * B, D], key-major
+        batch, dim = features.stride(), shapes[0].dim
+        width = len(self.features) * dim  # explicit: an empty batch (a rank's share) has B = 0
+        values = pooled.view(len(self.features), batch, dim).transpose(0, 1).reshape(batch, width)
         return KeyedTensor(keys=self.features, length_per_key=self.dims, values=values)
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,12 @@ Example::
     pooled = tt_embedding_bag(cores, shape, ids, offsets, "sum")  # [bags, 16]
 
 The fast lookup (`tt_rows`) computes each distinct id once, shares the partial product of the
-leading cores between ids with the same leading digits, and runs the big middle core as one
-batched GEMM per digit group instead of copying an `r x q x r` slice per id. `tt_rows_naive`
-is the per-id gather it replaces (kept as the reference for tests and the benchmark).
+leading cores between ids with the same leading digits, and runs each later core as batched
+GEMMs over chunks of prefixes grouped by digit instead of copying an `r x q x r` slice per id
+(the plan and the forward/backward kernels: tt_autograd.py). `tt_rows_multi` does the same for
+several tables of equal ranks and dim factors in one lookup, their cores stacked (what `emb=tt`
+runs). `tt_rows_naive` is the per-id gather it replaces (kept as the reference for tests and
+the benchmark).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 from itertools import combinations_with_replacement
 
 import torch
+
+from dlrm.embeddings.tt_autograd import TTRows, plan_levels
 
 MAX_PADDING = 0.15  # automatic row factoring pads rows up by at most this fraction
 
@@ -229,183 +234,70 @@ def tt_rows_naive(cores: list[torch.Tensor], shape: TTShape, ids: torch.Tensor) 
     return out.reshape(n, shape.dim)
 
 
-# ---------------------------------------------------------------------------------------------
-# Fast path: distinct ids, shared prefixes, grouped middle cores.
-#
-# Level k (0-based) holds the partial products of the distinct length-(k+1) id prefixes in a
-# "store" addressed by slot. Level 0's store is core 0 itself (slot = digit). Level k >= 1 takes
-# A = store_{k-1}[src] (one [Q, r] matrix per distinct prefix, Q = q_0...q_{k-1}) and multiplies
-# it by its digit's core slice, either
-#   - "gather": copy each prefix's slice and bmm (cheap when slices are small, e.g. the last core
-#     with r_d = 1), store = [n_k, Q q_k, r_k], slot = identity; or
-#   - "grouped": lay the A's out in a zero-padded [p_k, m, Q, r] buffer grouped by digit (m = the
-#     largest group) and run ONE bmm against the core as it is ([p_k, r, q r']): no slice copies,
-#     GEMMs with m*Q rows instead of Q, and the core's gradient comes out of one bmm, dense.
-# Every store ends in a zero row, the parent of the grouped buffer's empty slots. All gathers are
-# index_select (6x faster than advanced indexing on CPU for these shapes) and all scatters are
-# index_add_ (no sort, unlike index_put_ with accumulate).
-# ---------------------------------------------------------------------------------------------
+def _prefixes(
+    shapes: list[TTShape], table: torch.Tensor | None, local: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Digits and parents of the distinct id prefixes, for `plan_levels`.
 
-
-@dataclass
-class _Level:
-    src: torch.Tensor  # gather: per prefix, its parent's row in the previous store
-    digit: torch.Tensor  # gather: per prefix, its digit at this level
-    grouped: bool
-    groups: int = 0  # grouped: m, slots per digit
-    slot: torch.Tensor | None = None  # grouped: per prefix, its slot (row) in this store
-    slot_src: torch.Tensor | None = None  # grouped: per slot, parent's row (len(prev) = zero row)
-
-
-def _plan(shape: TTShape, uid: torch.Tensor, method: str) -> list[_Level]:
-    """Index structure for sorted distinct ids `uid`: one _Level per core after the first."""
-    p = shape.row_factors
-    d = shape.cores
-    codes: list[torch.Tensor] = [uid] * d  # distinct prefix codes per level, sorted
-    parents: list[torch.Tensor] = [uid] * d
+    `(table, local)` pairs are distinct and sorted (table first). Level k's prefixes are the
+    distinct `(table, first k + 1 digits)`; `digits[k]` is each one's row in core k with the
+    tables' cores stacked (table t's digits offset by the row factors of tables 0..t-1).
+    """
+    d = shapes[0].cores
+    digits: list[torch.Tensor] = [local] * d
+    parents: list[torch.Tensor | None] = [None] * d
+    codes = local
+    if table is None:  # one table: the same radix for every id
+        p = shapes[0].row_factors
+        for k in range(d - 1, 0, -1):
+            digits[k] = codes % p[k]
+            # codes are sorted, so prefixes are too: unique_consecutive needs no sort.
+            codes, parents[k] = torch.unique_consecutive(codes // p[k], return_inverse=True)
+        digits[0] = codes
+        return digits, parents
+    factors = torch.tensor([s.row_factors for s in shapes], device=local.device)  # [T, d]
+    offsets = torch.cumsum(factors, 0) - factors  # [T, d]: where table t's rows start in core k
+    stride = max(s.padded_rows for s in shapes)  # key = table * stride + prefix: sorted, distinct
     for k in range(d - 1, 0, -1):
-        # uid is sorted, so prefixes are sorted too: unique_consecutive needs no sort.
-        codes[k - 1], parents[k] = torch.unique_consecutive(codes[k] // p[k], return_inverse=True)
-    slot, store_rows = codes[0], p[0]  # level 0: the store is core 0, addressed by digit
-    levels = []
-    for k in range(1, d):
-        src = slot.index_select(0, parents[k]) if slot is not None else parents[k]
-        digit = codes[k] % p[k]
-        n = digit.numel()
-        _, r, q, r2 = shape.core_shapes[k]
-        Q = math.prod(shape.dim_factors[:k])
-        count = torch.bincount(digit, minlength=p[k])
-        groups = int(count.max())
-        grouped = method == "grouped"
-        if method == "auto":
-            # Grouped runs p_k batched GEMMs over m*p_k padded slots; gather copies an r*q*r'
-            # slice per prefix and runs n tiny GEMMs (~0.2 us of overhead each on CPU). Grouped
-            # wins unless padding is extreme (few ids spread over many digits): measured 1.5-3x
-            # faster on the middle core and 1.1-1.6x on the last one for 2048 Zipf ids.
-            grouped = groups * p[k] <= 4 * n or groups * p[k] * Q * (r + q * r2) < n * r * q * r2
-        if grouped:
-            order = torch.argsort(digit, stable=True)
-            start = torch.cumsum(count, 0) - count
-            rank_in_group = torch.empty_like(order)
-            rank_in_group[order] = torch.arange(n, device=uid.device) - start[digit[order]]
-            slot = digit * groups + rank_in_group
-            slot_src = torch.full((p[k] * groups,), store_rows, dtype=src.dtype, device=src.device)
-            slot_src.index_copy_(0, slot, src)
-            levels.append(_Level(src, digit, True, groups, slot, slot_src))
-            store_rows = p[k] * groups
-        else:
-            levels.append(_Level(src, digit, False))
-            slot, store_rows = None, n
-    return levels
+        p = factors[:, k].index_select(0, table)
+        digits[k] = codes % p + offsets[:, k].index_select(0, table)
+        keys, parents[k] = torch.unique_consecutive(table * stride + codes // p, return_inverse=True)
+        table, codes = keys // stride, keys % stride
+    digits[0] = codes + offsets[:, 0].index_select(0, table)
+    return digits, parents
 
 
-class _TTRows(torch.autograd.Function):
-    """Rows of distinct ids from cores; backward writes dense core-shaped gradients."""
+def tt_rows_multi(
+    cores: list[list[torch.Tensor]],
+    shapes: list[TTShape],
+    table: torch.Tensor | None,
+    local: torch.Tensor,
+    method: str = "auto",
+) -> torch.Tensor:
+    """Rows `[n, dim]` of the distinct `(table[i], local[i])` pairs, sorted by table then id, in
+    range, from several tables in ONE lookup (differentiable in every table's cores).
 
-    @staticmethod
-    def forward(ctx, levels: list[_Level], shape: TTShape, *cores):
-        p0, _, q0, r1 = shape.core_shapes[0]
-        # Every store ends with one zero row: the parent of the grouped buffer's empty slots.
-        store = cores[0].reshape(p0, q0, r1)
-        if levels[0].grouped:
-            store = torch.cat([store, store.new_zeros(1, q0, r1)])
-        saved = []
-        for lv, core in zip(levels, cores[1:]):
-            p, r, q, r2 = core.shape
-            slices = core.reshape(p, r, q * r2)
-            if lv.grouped:
-                x = store.index_select(0, lv.slot_src)  # [p m, Q, r], zero rows for empty slots
-                Q = x.shape[1]
-                x = x.reshape(p, lv.groups * Q, r)
-                out, store = _store(x, p, p * lv.groups, Q, q, r2)
-                if _transposed(lv, Q, q * r2):  # y^T = G^T x^T: a wide GEMM instead of N = q r'
-                    out.copy_(torch.bmm(slices.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2))
-                else:
-                    torch.bmm(x, slices, out=out)  # [p, m Q, q r']
-                saved.append(x)
-            else:
-                a = store.index_select(0, lv.src)  # [n, Q, r]
-                b = slices.index_select(0, lv.digit)  # [n, r, q r']
-                n, Q, _ = a.shape
-                out, store = _store(a, n, n, Q, q, r2)
-                torch.bmm(a, b, out=out)
-                saved.append((a, b))
-        rows = store.reshape(store.shape[0], shape.dim)
-        if levels[-1].grouped:
-            rows = rows.index_select(0, levels[-1].slot)
-        else:
-            rows = rows[:-1]
-        ctx.levels, ctx.shape, ctx.saved = levels, shape, saved
-        ctx.save_for_backward(*cores)
-        return rows
+    The tables must share cores, dim factors and ranks (row factors may differ): their cores are
+    stacked along the row-factor axis and the plan, GEMMs and scatters run once for all of them
+    instead of ~40 small ops per table. `table=None`: every id is in `shapes[0]`'s table.
 
-    @staticmethod
-    def backward(ctx, g_rows):
-        cores = ctx.saved_tensors
-        levels, shape, saved = ctx.levels, ctx.shape, ctx.saved
-        grads: list[torch.Tensor] = [g_rows] * len(cores)
-        g = g_rows  # gradient of the current store, row by row
-        last = levels[-1]
-        if last.grouped:
-            rows = cores[-1].shape[0] * last.groups
-            g = g_rows.new_zeros(rows, shape.dim).index_add_(0, last.slot, g_rows)
-        for k in range(len(cores) - 1, 0, -1):
-            lv, core = levels[k - 1], cores[k]
-            p, r, q, r2 = core.shape
-            prev_rows = cores[0].shape[0] if k == 1 else _store_rows(levels[k - 2], saved[k - 2])
-            if lv.grouped:
-                x = saved[k - 1]  # [p, m Q, r]
-                gy = g.reshape(p, -1, q * r2)  # [p, m Q, q r']
-                if _transposed(lv, x.shape[1] // lv.groups, q * r2):
-                    grads[k] = torch.bmm(gy.transpose(1, 2), x).transpose(1, 2).reshape(core.shape)
-                else:
-                    grads[k] = torch.bmm(x.transpose(1, 2), gy).reshape(core.shape)
-                gx = torch.bmm(gy, core.reshape(p, r, q * r2).transpose(1, 2))  # [p, m Q, r]
-                gx = gx.reshape(p * lv.groups, -1)
-                g = gx.new_zeros(prev_rows + 1, gx.shape[1]).index_add_(0, lv.slot_src, gx)
-                g = g[:prev_rows]
-            else:
-                a, b = saved[k - 1]
-                n, Q, _ = a.shape
-                gy = g.reshape(n, Q, q * r2)
-                if r2 == 1:  # last core: [q, r] = gy^T a is 2x faster than a^T gy, then transpose
-                    gb = torch.bmm(gy.transpose(1, 2), a).transpose(1, 2)  # [n, r, q]
-                else:
-                    gb = torch.bmm(a.transpose(1, 2), gy)  # [n, r, q r']
-                grads[k] = core.new_zeros(p, r * q * r2).index_add_(0, lv.digit, gb.reshape(n, -1))
-                grads[k] = grads[k].reshape(core.shape)
-                ga = torch.bmm(gy, b.transpose(1, 2)).reshape(n, Q * r)  # [n, Q r]
-                g = ga.new_zeros(prev_rows, Q * r).index_add_(0, lv.src, ga)
-        grads[0] = g.reshape(cores[0].shape)
-        return (None, None, *grads)
-
-
-def _store(
-    like: torch.Tensor, batch: int, rows: int, Q: int, q: int, r: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [rows + 1, Q q, r] store whose last row is zero, and its first rows as a bmm output
-    [batch, rows * Q / batch, q r].
-
-    Writing the bmm into it (out=) saves concatenating a zero row afterwards (a 1.3 MB copy for
-    the middle core's products at rank 32).
+    Raises:
+        ValueError: the shapes differ in cores, dim factors or ranks.
     """
-    buf = like.new_empty((rows + 1) * Q * q * r)
-    buf[rows * Q * q * r :].zero_()
-    out = buf[: rows * Q * q * r].view(batch, -1, q * r)
-    return out, buf.view(rows + 1, Q * q, r)
-
-
-def _transposed(lv: _Level, Q: int, width: int) -> bool:
-    """Run a grouped core's GEMMs transposed when its slices are narrower than the group.
-
-    MKL's small GEMMs are slow with few output columns: for the last core (q r' = 4 at D = 16)
-    core^T @ x^T measured 1.3-1.9x faster than x @ core on one thread.
-    """
-    return width < lv.groups * Q
-
-
-def _store_rows(lv: _Level, saved) -> int:
-    return saved.shape[0] * lv.groups if lv.grouped else saved[0].shape[0]
+    first = shapes[0]
+    if any((s.dim_factors, s.ranks) != (first.dim_factors, first.ranks) for s in shapes):
+        raise ValueError(f"tt_rows_multi: tables differ in dim factors or ranks: {[str(s) for s in shapes]}")
+    if local.numel() == 0:
+        return cores[0][0].new_zeros(0, first.dim)
+    digits, parents = _prefixes(shapes, table, local)
+    if len(shapes) == 1:
+        joint, joint_cores = first, cores[0]
+    else:
+        stacked = tuple(sum(s.row_factors[k] for s in shapes) for k in range(first.cores))
+        joint = TTShape(sum(s.padded_rows for s in shapes), stacked, first.dim_factors, first.ranks)
+        joint_cores = [torch.cat([c[k] for c in cores]) for k in range(first.cores)]
+    levels = plan_levels(digits, parents, joint.core_shapes, joint.dim_factors, method)
+    return TTRows.apply(levels, joint, *joint_cores)
 
 
 def tt_rows(
@@ -413,11 +305,10 @@ def tt_rows(
 ) -> torch.Tensor:
     """Rows `[len(uid), dim]` of sorted, distinct, in-range ids `uid` (differentiable in cores).
 
-    `method`: "auto" (per core, see _plan), "grouped" or "gather" (to benchmark the choices).
+    `method`: "auto" (per core, see tt_autograd.plan_levels), "grouped" or "gather" (to
+    benchmark the choices).
     """
-    if uid.numel() == 0:
-        return cores[0].new_zeros(0, shape.dim)
-    return _TTRows.apply(_plan(shape, uid, method), shape, *cores)
+    return tt_rows_multi([cores], [shape], None, uid, method)
 
 
 def pool(
