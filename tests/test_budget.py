@@ -127,3 +127,40 @@ def test_grid_recipe_lists_every_cell_and_records_unreachable_ones(data_root, ti
     assert cells[0]["unreachable"] is True and "emb=fp16 reaches at most 1.89x" in cells[0]["reason"]
     assert "auc" not in cells[0]
     assert cells[1]["backend"] == "hybrid" and cells[1]["budget"] == 10 and 9 <= cells[1]["compression_ratio"] <= 11
+
+
+def zipf_counts(tmp_path, tables):
+    """Integer Zipf(1.05) counts per id (id 0 most frequent, as the synthetic data's), as .npy files."""
+    for t in tables:
+        np.save(tmp_path / f"{t.features[0]}.npy", (2e5 / (np.arange(t.rows) + 1.0) ** 1.05).astype(np.int64))
+    return str(tmp_path)
+
+
+def test_hybrid_global_allocation_fits_with_one_count_threshold(tmp_path):
+    counts = zipf_counts(tmp_path, CAPPED)
+    full = sum(t.full_bytes() for t in CAPPED)
+    for budget in (10, 100, 1000):
+        p = plan(CAPPED, "hybrid", budget, allocation="global", hot_share=0.9, counts=counts, min_rows=10000)
+        assert budget * (1 - TOLERANCE) <= p.ratio <= budget * (1 + TOLERANCE), (budget, p.ratio)
+        emb = build_embeddings(CAPPED, p.cfg, ADAGRAD, CPU)
+        assert emb.embedding_bytes() == p.planned_bytes and full / emb.embedding_bytes() == pytest.approx(p.ratio)
+        # One threshold over all tables: every compressed table's least counted hot id is counted
+        # at least as often as any table's most counted cold id (less one: the tied ids split).
+        hot = {t: p.cfg.hot_rows[t.features[0]] for t in CAPPED if t.features[0] in p.cfg.hot_rows}
+        per = {t: (2e5 / (np.arange(t.rows) + 1.0) ** 1.05).astype(np.int64) for t in hot}
+        least_hot = min(per[t][h - 1] for t, h in hot.items() if h)
+        most_cold = max(per[t][h] for t, h in hot.items() if h < t.rows)
+        assert least_hot >= most_cold
+        # hot_share 0.9: about one hashed row per nine exact rows
+        for f, h in p.cfg.hot_rows.items():
+            assert p.cfg.buckets[f] == max(1, -(-h // 9)) or abs(p.cfg.buckets[f] - h / 9) <= 1
+    # At 1000x the small tables are compressed too (allocation=table leaves those under min_rows full)
+    assert len(plan(CAPPED, "hybrid", 1000, allocation="global", hot_share=0.9, counts=counts).tables) > len(
+        plan(CAPPED, "hybrid", 1000).tables)
+
+
+def test_hybrid_global_allocation_needs_counts_and_a_budget():
+    with pytest.raises(ValueError, match="emb.allocation=global needs per-id counts"):
+        plan(CAPPED, "hybrid", 100, allocation="global")
+    with pytest.raises(ValueError, match="emb.allocation=global needs emb.budget"):
+        build_embeddings(CAPPED, OmegaConf.create({"name": "hybrid", "dim": 16, "allocation": "global"}), ADAGRAD, CPU)

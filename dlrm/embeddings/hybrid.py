@@ -73,6 +73,7 @@ class HybridEmbeddings(RemappedTables):
         "buckets": Opt(dict, nullable=True),
         "counts": Opt(str, nullable=True),
         "hash_seed": Opt(int, min=0),
+        "allocation": Opt(str, choices=("table", "global")),
     }
 
     def __init__(
@@ -88,6 +89,8 @@ class HybridEmbeddings(RemappedTables):
         compression, share = cfg.compression, cfg.hot_share  # types and minimums: `options`
         if share > 1:
             raise ValueError(f"emb.hot_share={share!r}: must be a number in [0, 1]")
+        if cfg.allocation == "global" and not cfg.hot_rows:
+            raise ValueError("emb.allocation=global needs emb.budget (it sets one count threshold for every table's hot rows)")
         big = [t.name for t in self.tables if t.rows >= 1 << KEY_BITS]
         if big:
             raise ValueError(f"emb=hybrid: tables {big} have 2^{KEY_BITS} rows or more")
