@@ -164,3 +164,34 @@ def test_hybrid_global_allocation_needs_counts_and_a_budget():
         plan(CAPPED, "hybrid", 100, allocation="global")
     with pytest.raises(ValueError, match="emb.allocation=global needs emb.budget"):
         build_embeddings(CAPPED, OmegaConf.create({"name": "hybrid", "dim": 16, "allocation": "global"}), ADAGRAD, CPU)
+
+
+def test_large_grid_recipe_composes_and_runs_a_tiny_instance(compose_cfg, data_root, tmp_path):
+    """+experiment=compression_grid_large: compression_grid's settings and points, with the three
+    largest tables at 40M rows; a tiny instance (those tables at 3000 rows) trains and reports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dlrm.data.synthetic import SyntheticSpec
+    from tests.conftest import TINY, tiny_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = compose_cfg("+experiment=compression_grid_large")
+    grid = compose_cfg("+experiment=compression_grid")
+    assert dict(cfg.data.table_rows) == {"C3": 40_000_000, "C12": 40_000_000, "C21": 40_000_000}
+    assert (cfg.trainer.eval_batches, cfg.data.seed) == (0, 0)
+    assert OmegaConf.masked_copy(cfg, ["trainer", "emb"]) == OmegaConf.masked_copy(grid, ["trainer", "emb"])
+    tiny = {"C3": 3000, "C12": 3000, "C21": 3000}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlrm.train", "-m", "+experiment=compression_grid_large", *tiny_overrides(data_root),
+         "data.table_rows={C3:3000,C12:3000,C21:3000}", "+experiment/compression_grid=full,hashed_x10",
+         "seed=1", "trainer.max_steps=3", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    full, hashed = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in (0, 1)]
+    rows = SyntheticSpec(**TINY, table_rows=tiny).cardinalities()
+    assert full["full_embedding_bytes"] == sum(rows) * (16 * 4 + 4) == hashed["full_embedding_bytes"]
+    assert full["auc"] is not None and full["compression_ratio"] == 1.0
+    assert hashed["budget"] == 10 and 9 <= hashed["compression_ratio"] <= 11
