@@ -319,6 +319,6 @@ def _at_least(counts: np.ndarray, c: float) -> int:
     so the budget's bisection sees bytes fall smoothly rather than by every id seen k times at once
     (at small k, most of a big table)."""
     k = math.floor(c)
-    at_least = lambda x: len(counts) - int(np.searchsorted(counts, x, side="left"))  # noqa: E731
+    at_least = lambda x: len(counts) - int(np.searchsorted(counts, x, side="left"))
     above, tied = at_least(k + 1), at_least(k) - at_least(k + 1)
     return above + round((k + 1 - c) * tied) if c > k else at_least(k)
