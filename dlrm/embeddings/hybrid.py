@@ -21,7 +21,7 @@ Under `emb.budget`, `emb.allocation` says how H and B are chosen (dlrm/embedding
 stay full); `global` sets one count threshold over every table's ids, as CAFE's global hot
 threshold: the ids seen at least that often get exact rows wherever they are, and each table adds
 B = ceil(H (1 - hot_share) / hot_share) hashed rows (docs/results.md: at 1000x on the synthetic
-data it keeps 86% of lookups on exact rows, against 77%).
+data it keeps 86% of lookups on exact rows, against 77%, and loses 0.0023 AUC, against 0.0154).
 
 The hot ids are one sorted int64 buffer (8 bytes per hot id, counted in `embedding_bytes`), keyed
 by table (table index * 2^40 + id), so one `searchsorted` serves every feature. The rows are one
