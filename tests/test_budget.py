@@ -127,3 +127,71 @@ def test_grid_recipe_lists_every_cell_and_records_unreachable_ones(data_root, ti
     assert cells[0]["unreachable"] is True and "emb=fp16 reaches at most 1.89x" in cells[0]["reason"]
     assert "auc" not in cells[0]
     assert cells[1]["backend"] == "hybrid" and cells[1]["budget"] == 10 and 9 <= cells[1]["compression_ratio"] <= 11
+
+
+def zipf_counts(tmp_path, tables):
+    """Integer Zipf(1.05) counts per id (id 0 most frequent, as the synthetic data's), as .npy files."""
+    for t in tables:
+        np.save(tmp_path / f"{t.features[0]}.npy", (2e5 / (np.arange(t.rows) + 1.0) ** 1.05).astype(np.int64))
+    return str(tmp_path)
+
+
+def test_hybrid_global_allocation_fits_with_one_count_threshold(tmp_path):
+    counts = zipf_counts(tmp_path, CAPPED)
+    full = sum(t.full_bytes() for t in CAPPED)
+    for budget in (10, 100, 1000):
+        p = plan(CAPPED, "hybrid", budget, allocation="global", hot_share=0.9, counts=counts, min_rows=10000)
+        assert budget * (1 - TOLERANCE) <= p.ratio <= budget * (1 + TOLERANCE), (budget, p.ratio)
+        emb = build_embeddings(CAPPED, p.cfg, ADAGRAD, CPU)
+        assert emb.embedding_bytes() == p.planned_bytes and full / emb.embedding_bytes() == pytest.approx(p.ratio)
+        # One threshold over all tables: every compressed table's least counted hot id is counted
+        # at least as often as any table's most counted cold id (less one: the tied ids split).
+        hot = {t: p.cfg.hot_rows[t.features[0]] for t in CAPPED if t.features[0] in p.cfg.hot_rows}
+        per = {t: (2e5 / (np.arange(t.rows) + 1.0) ** 1.05).astype(np.int64) for t in hot}
+        least_hot = min(per[t][h - 1] for t, h in hot.items() if h)
+        most_cold = max(per[t][h] for t, h in hot.items() if h < t.rows)
+        assert least_hot >= most_cold
+        # hot_share 0.9: about one hashed row per nine exact rows
+        for f, h in p.cfg.hot_rows.items():
+            assert p.cfg.buckets[f] == max(1, -(-h // 9)) or abs(p.cfg.buckets[f] - h / 9) <= 1
+    # At 1000x the small tables are compressed too (allocation=table leaves those under min_rows full)
+    assert len(plan(CAPPED, "hybrid", 1000, allocation="global", hot_share=0.9, counts=counts).tables) > len(
+        plan(CAPPED, "hybrid", 1000).tables)
+
+
+def test_hybrid_global_allocation_needs_counts_and_a_budget():
+    with pytest.raises(ValueError, match="emb.allocation=global needs per-id counts"):
+        plan(CAPPED, "hybrid", 100, allocation="global")
+    with pytest.raises(ValueError, match="emb.allocation=global needs emb.budget"):
+        build_embeddings(CAPPED, OmegaConf.create({"name": "hybrid", "dim": 16, "allocation": "global"}), ADAGRAD, CPU)
+
+
+def test_large_grid_recipe_composes_and_runs_a_tiny_instance(compose_cfg, data_root, tmp_path):
+    """+experiment=compression_grid_large: compression_grid's settings and points, with the three
+    largest tables at 40M rows; a tiny instance (those tables at 3000 rows) trains and reports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dlrm.data.synthetic import SyntheticSpec
+    from tests.conftest import TINY, tiny_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = compose_cfg("+experiment=compression_grid_large")
+    grid = compose_cfg("+experiment=compression_grid")
+    assert dict(cfg.data.table_rows) == {"C3": 40_000_000, "C12": 40_000_000, "C21": 40_000_000}
+    assert (cfg.trainer.eval_batches, cfg.data.seed) == (0, 0)
+    assert OmegaConf.masked_copy(cfg, ["trainer", "emb"]) == OmegaConf.masked_copy(grid, ["trainer", "emb"])
+    tiny = {"C3": 3000, "C12": 3000, "C21": 3000}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlrm.train", "-m", "+experiment=compression_grid_large", *tiny_overrides(data_root),
+         "data.table_rows={C3:3000,C12:3000,C21:3000}", "+experiment/compression_grid=full,hashed_x10",
+         "seed=1", "trainer.max_steps=3", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    full, hashed = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in (0, 1)]
+    rows = SyntheticSpec(**TINY, table_rows=tiny).cardinalities()
+    assert full["full_embedding_bytes"] == sum(rows) * (16 * 4 + 4) == hashed["full_embedding_bytes"]
+    assert full["auc"] is not None and full["compression_ratio"] == 1.0
+    assert hashed["budget"] == 10 and 9 <= hashed["compression_ratio"] <= 11

@@ -85,3 +85,23 @@ def test_runs_of_two_models_are_never_one_group_nor_each_others_baseline(tmp_pat
     by_model = {("dcnv2" if "model.name=dcnv2" in k else "dlrm"): d for k, d in zip(hashed["knobs"], hashed["auc_diff_vs_full"])}
     assert by_model["dcnv2"] == pytest.approx(-0.001)  # against dcnv2's full, named in the knobs
     assert by_model["dlrm"] == pytest.approx(-0.010)   # against dlrm's full
+
+
+def test_two_variants_of_a_method_at_one_budget_are_two_rows(tmp_path):
+    """hybrid with emb.allocation=table and =global at 1000x: two grid rows, neither dropped."""
+    job = 0
+    for variant, auc in (("table", 0.75), ("global", 0.767)):
+        for seed in (1, 2):
+            emb = {"name": "hybrid", "dim": 16, "budget": 1000, "allocation": variant}
+            run = make_run(tmp_path, job, backend="hybrid", seed=seed, auc=auc + 0.0002 * seed, knobs={"emb": emb})
+            res = json.loads((run / "results.json").read_text()) | {"budget": 1000, "compression_ratio": 1000.0}
+            (run / "results.json").write_text(json.dumps(res))
+            job += 1
+    for seed in (1, 2):
+        _budget_run(tmp_path, job, "full", None, seed, 0.77, 10.0)
+        job += 1
+    assert report.main([str(tmp_path), "--grid"]) == 0
+    cells = pd.read_csv(tmp_path / "grid.csv").set_index("method")
+    assert set(cells.index) == {"hybrid (emb.allocation=global)", "hybrid (emb.allocation=table)"}
+    assert cells.at["hybrid (emb.allocation=global)", "auc_diff_vs_full"] == pytest.approx(0.767 + 0.0003 - 0.77)
+    assert "| hybrid (emb.allocation=table) |" in (tmp_path / "grid.md").read_text()

@@ -36,6 +36,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dlrm.embeddings.base import EmbeddingBackend, Runtime, TableSpec
@@ -125,7 +126,9 @@ def plan_budget(
         if settings.get(key):
             raise ValueError(f"emb.{key} and emb.budget are both set: with a budget, emb={name} chooses {key} itself")
     cost = _cost_model(name, settings, optim, precision, runtime, backend)
-    default = compressed_tables(tables, settings)
+    # hybrid's global allocation ranks every table's ids against one count threshold, so small
+    # tables take part too (their rare ids share rows; a table whose every id is hot stays full).
+    default = list(tables) if _global(name, settings) else compressed_tables(tables, settings)
     rest = sorted((t for t in tables if t not in default), key=lambda t: -t.rows)
     chosen = list(default)
 
@@ -148,6 +151,7 @@ def plan_budget(
                 c = _fit(lambda c: total(chosen, c), target)
                 break
     knobs = {t.features[0]: cost(t, c)[1] for t in chosen}
+    knobs = {f: k for f, k in knobs.items() if k is not None}  # None: the table stays full
     if full / total(chosen, c) > budget * (1 + TOLERANCE):
         log.warning("emb.budget=%g: emb=%s overshoots to %.3gx (its settings are too coarse to fill the budget)",
                     budget, name, full / total(chosen, c))
@@ -230,6 +234,8 @@ def _cost_model(name, settings, optim, precision, runtime, backend) -> Cost:
             m = remainder_size(t.rows, c if c < INF else 1e300, t.dim / w)
             return (m + math.ceil(t.rows / m)) * row(w), m
         return qr
+    if name == "hybrid" and _global(name, settings):
+        return _hybrid_global(settings, row, runtime)
     if name == "hybrid":
         share = float(settings.hot_share)
 
@@ -275,3 +281,44 @@ def _discrete(cache: dict, options: Callable[[TableSpec], list[tuple[int, object
         fitting = [o for o in opts if o[0] <= limit]
         return fitting[-1] if fitting else opts[0]
     return cost
+
+
+def _global(name: str, settings: DictConfig) -> bool:
+    return name == "hybrid" and settings.get("allocation", "table") == "global"
+
+
+def _hybrid_global(settings: DictConfig, row: Callable[[int], int], runtime: Runtime | None) -> Cost:
+    """hybrid with `emb.allocation=global`: c is a count threshold shared by every table: the ids
+    seen at least c times in the train split get exact rows (H per table), and each table adds
+    B = ceil(H (1 - hot_share) / hot_share) >= 1 hashed rows for the rest. The budget thus goes to
+    the most frequent ids of all tables, as CAFE's global hot threshold does (Zhang et al., SIGMOD
+    2024), instead of the same share of every table's rows (`allocation=table`). A table whose
+    every id would be hot, or that would not shrink, keeps its full rows (knob None).""" 
+    share = float(settings.hot_share)
+    if not 0 < share <= 1:
+        raise ValueError(f"emb.hot_share={share!r}: emb.allocation=global needs a share in (0, 1]")
+    source = counts_source(settings.counts, runtime, "hybrid")
+    if source is None:  # the Zipf prior's counts (<= 1) have no scale for a count threshold
+        raise ValueError("emb.allocation=global needs per-id counts: set emb.counts, or train on a dataset")
+    cache: dict[str, np.ndarray] = {}
+
+    def cost(t: TableSpec, c: float):
+        if t.name not in cache:
+            cache[t.name] = np.sort(frequency_order(t, source)[1])  # ascending counts
+        counts = cache[t.name]
+        hot = 0 if c == INF else _at_least(counts, c)
+        buckets = max(1, math.ceil(hot * (1 - share) / share))
+        used, full = (hot + buckets) * row(t.dim) + 8 * hot, t.rows * row(t.dim)
+        return (full, None) if hot >= t.rows or used >= full else (used, (hot, buckets))
+    return cost
+
+
+def _at_least(counts: np.ndarray, c: float) -> int:
+    """How many of the ascending `counts` are >= c, interpolated between integers: for c in
+    (k, k + 1), the ids counted k times join in order as c falls (frequency_order breaks ties by id),
+    so the budget's bisection sees bytes fall smoothly rather than by every id seen k times at once
+    (at small k, most of a big table)."""
+    k = math.floor(c)
+    at_least = lambda x: len(counts) - int(np.searchsorted(counts, x, side="left"))
+    above, tied = at_least(k + 1), at_least(k) - at_least(k + 1)
+    return above + round((k + 1 - c) * tied) if c > k else at_least(k)

@@ -36,7 +36,7 @@ def grid_cells(groups: pd.DataFrame, unreachable: list[Run]) -> pd.DataFrame:
         base = by_run.get(g.get("baseline_run") or "")
         step_ratio = g.get("step_time_ms", math.nan) / groups.at[base, "step_time_ms"] if base is not None else math.nan
         rows.append({
-            "method": g["backend"], "budget": float(budget), "n_seeds": g["n_seeds"],
+            "method": _method(g), "budget": float(budget), "n_seeds": g["n_seeds"],
             "auc_diff_vs_full": g.get("auc_diff_vs_full", math.nan), "auc_diff_se": g.get("auc_diff_se", math.nan),
             "within_noise": g.get("within_noise"), "step_ratio": step_ratio,
             "embedding_mib": g.get("embedding_bytes", math.nan) / 2**20,
@@ -53,9 +53,17 @@ def grid_cells(groups: pd.DataFrame, unreachable: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _method(g: pd.Series) -> str:
+    """The row label: the backend, plus its knobs other than the budget when groups of the backend
+    differ in more (e.g. `hybrid (emb.allocation=global emb.hot_share=0.9)`), so that two
+    variants at one budget are two rows, never one cell overwriting the other."""
+    extra = [k for k in str(g.get("knobs") or "").split() if not k.startswith("emb.budget=")]
+    return f"{g['backend']} ({' '.join(extra)})" if extra else str(g["backend"])
+
+
 def _order(methods) -> list[str]:
     known = {m: i for i, m in enumerate(BACKEND_ORDER)}
-    return sorted(set(methods), key=lambda m: (known.get(m, len(known)), m))
+    return sorted(set(methods), key=lambda m: (known.get(m.split(" ")[0], len(known)), m))
 
 
 def _cell(c: pd.Series | None) -> str:
