@@ -52,9 +52,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def set_threads(requested: int) -> int:
-    """Intra-op threads; 0 = all cores. Measured on 2 cores: 2 threads beat 1 end to end by 14%
-    even though the loader thread competes with them (docs/benchmarks.md)."""
-    threads = requested or len(os.sched_getaffinity(0))
+    """Intra-op threads; 0 = this process's share of the cores: all of them in a plain run, the
+    cores divided by torchrun's `LOCAL_WORLD_SIZE` under torchrun (2 processes of 2 threads each
+    on 2 cores oversubscribe them: a trial saw 354 ms steps). Measured on 2 cores:
+    2 threads beat 1 end to end by 14% even though the loader thread competes with them
+    (docs/benchmarks.md)."""
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = requested or max(1, len(os.sched_getaffinity(0)) // local_processes)
     torch.set_num_threads(threads)
     return threads
 

@@ -124,3 +124,26 @@ def test_cli_run_and_multirun(data_root, tiny_dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     aucs = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text())["auc"] for i in (0, 1)]
     assert aucs[0] != aucs[1]  # the seed reaches the run
+
+
+def test_auto_threads_share_the_cores_between_torchrun_processes(monkeypatch):
+    """trainer.threads=0: all cores in a plain run, cores / LOCAL_WORLD_SIZE under torchrun
+    (never 0), and an explicit count as given."""
+    import os
+
+    import torch
+
+    from dlrm.train import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    try:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        assert set_threads(0) == 4
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_threads(0) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        assert set_threads(0) == 1
+        assert set_threads(3) == 3
+    finally:
+        torch.set_num_threads(before)
