@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from dlrm.bench.common import median_ms, time_each
 from dlrm.bench.reference import compare
 from dlrm.data.schema import KAGGLE_CARDINALITIES
 from dlrm.model import resolve_precision
@@ -86,27 +87,25 @@ def gemm_floor_ms(model: torch.nn.Module, batch_size: int, precision: str, reps:
         x, w = torch.randn(batch_size, n_in, dtype=dtype), torch.randn(n_out, n_in, dtype=dtype)
         gy = torch.randn(batch_size, n_out, dtype=dtype)
         ops.append((x, w, gy))
-    times = []
-    for _ in range(reps + 3):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         for x, w, gy in ops:
             torch.mm(x, w.t())
             torch.mm(gy, w)
             torch.mm(gy.t(), x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[3:]) * 1e3
+
+    return median_ms(step, reps, warmup=3)
 
 
 def tables_ms(sparse_arch: torch.nn.Module, kjts: list, warmup: int) -> float:
     """Median ms of the embedding backend alone on `kjts`: lookup, backward of a ones gradient
     and the fused optimizer update (fbgemm applies it inside backward), nothing else."""
-    times = []
-    for kjt in kjts:
-        t0 = time.perf_counter()
+
+    def step(kjt) -> None:
         pooled = sparse_arch(kjt).values()
         pooled.backward(torch.ones_like(pooled))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[warmup:]) * 1e3
+
+    return statistics.median(time_each(step, kjts, warmup))
 
 
 def _end_to_end(args, precision, first, batches, cfg, bottom, top, cards) -> dict:
