@@ -75,11 +75,12 @@ MODEL = {  # by model.name
 }
 OPTIM = {
     "dense": {"name": Opt(str, choices=("adam", "adagrad", "sgd")), "lr": Opt(float, min=0)},
-    # the fused fbgemm optimizers that train tables on CPU (Adam is GPU-only there)
+    # the fused table optimizers (fbgemm's on CPU lack Adam; ours mirrors fbgemm's three)
     "sparse": {
         "name": Opt(str, choices=("rowwise_adagrad", "sgd", "adagrad")),
         "lr": Opt(float, min=0),
         "eps": Opt(float, min=0),
+        "kernel": Opt(str, choices=("auto", "torch", "fbgemm")),
     },
 }
 

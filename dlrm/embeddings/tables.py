@@ -29,6 +29,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 from omegaconf import DictConfig
 
 from dlrm.embeddings.base import POOLINGS, TableSpec
+from dlrm.embeddings.table_kernel import BatchedTables
 
 # Optimizers fbgemm runs fused on CPU (Adam is GPU-only there).
 FUSED_OPTIMIZERS = {
@@ -46,6 +47,8 @@ POOLING = dict(zip(POOLINGS, (PoolingMode.SUM, PoolingMode.MEAN)))
 # "check_uniform_bounds not implemented for 'Byte'"); int8 would need our own row quantization.
 WEIGHTS_PRECISIONS = {"fp32": SparseType.FP32, "fp16": SparseType.FP16}
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2}
+# optim.sparse.kernel: whose code runs the lookup and the fused update (table_kernel.py says why).
+KERNELS = ("auto", "torch", "fbgemm")
 INIT_CHUNK_ROWS = 1 << 20  # rows initialized per call, so a 10M-row init stays interruptible
 
 
@@ -90,25 +93,46 @@ def row_bytes(dim: int, optim_name: str, precision: str = "fp32") -> int:
     return dim * WEIGHT_BYTES[precision] + (dim if width is None else width) * 4
 
 
+def table_kernel(optim: DictConfig, device: torch.device) -> str:
+    """`optim.sparse.kernel` resolved: `torch` (table_kernel.py) or `fbgemm`. auto = torch on CPU,
+    where it measured 2-3x faster than fbgemm's CPU backward, fbgemm on CUDA."""
+    kernel = optim.get("kernel", "auto")
+    if kernel not in KERNELS:
+        raise ValueError(f"optim.sparse.kernel={kernel!r}: choose one of {list(KERNELS)}")
+    if kernel == "auto":
+        return "fbgemm" if device.type == "cuda" else "torch"
+    return kernel
+
+
 def fused_tables(
     tables: list[TableSpec], optim: DictConfig, pooling: str, device: torch.device, precision: str = "fp32"
-) -> SplitTableBatchedEmbeddingBagsCodegen:
-    """One fbgemm TBE module for `tables`, weights initialized by `init_uniform_`.
+) -> SplitTableBatchedEmbeddingBagsCodegen | BatchedTables:
+    """One batched-tables module for `tables` (fbgemm's TBE or ours, by `optim.sparse.kernel`),
+    weights initialized by `init_uniform_`.
 
-    `optim` is the `optim.sparse` section (name, lr, eps); `pooling` is `sum` or `mean`;
+    `optim` is the `optim.sparse` section (name, lr, eps, kernel); `pooling` is `sum` or `mean`;
     `precision` (`emb.weights_precision`) is how rows are stored: fp32 or fp16 (lookups return
     fp32 either way). Ids go in as key-major int64 values with offsets (`[F * B + 1]`); the
-    output is `[B, sum of dims]`, fp32. Raises ValueError for an optimizer, pooling or precision
-    fbgemm does not offer on CPU.
+    output is `[B, sum of dims]`, fp32. Raises ValueError for an optimizer, pooling, precision or
+    kernel that is not offered.
     """
     check_fused_optimizer(optim)
     check_weights_precision(precision)
     if pooling not in POOLING:
         raise ValueError(f"emb.pooling={pooling!r}: choose one of {sorted(POOLING)}")
+    feature_table_map = [i for i, t in enumerate(tables) for _ in t.features]
+    if table_kernel(optim, device) == "torch":
+        module = BatchedTables(
+            [(t.rows, t.dim) for t in tables], feature_table_map, optim.name, optim.lr,
+            optim.get("eps", 1e-8), pooling, precision, device,
+        )
+        with torch.no_grad():
+            for t, w in zip(tables, module.split_embedding_weights()):
+                init_uniform_(w, t.rows)
+        return module
     on_cuda = device.type == "cuda"
     location = EmbeddingLocation.DEVICE if on_cuda else EmbeddingLocation.HOST
     compute = ComputeDevice.CUDA if on_cuda else ComputeDevice.CPU
-    feature_table_map = [i for i, t in enumerate(tables) for _ in t.features]
     # eps only where the config gives one (SGD has none); fbgemm's own default otherwise.
     eps = {"eps": optim.eps} if "eps" in optim else {}
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
@@ -130,7 +154,7 @@ def fused_tables(
     return tbe
 
 
-def tbe_bytes(tbe: SplitTableBatchedEmbeddingBagsCodegen) -> int:
+def tbe_bytes(tbe: SplitTableBatchedEmbeddingBagsCodegen | BatchedTables) -> int:
     """Bytes of weights plus optimizer state held by a TBE module, from the tensors themselves."""
     weights = sum(w.numel() * w.element_size() for w in tbe.split_embedding_weights())
     states = sum(

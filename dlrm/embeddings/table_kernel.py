@@ -1,0 +1,220 @@
+"""Our batched table kernel: many tables looked up in one call, the table optimizer fused in backward.
+
+`BatchedTables` has the contract tables.py uses of fbgemm's TBE (`SplitTableBatchedEmbeddingBags
+Codegen`): `tables(indices, offsets, per_sample_weights=None) -> [B, sum of dims]` fp32, with
+key-major int64 `indices [N]` and `offsets [F * B + 1]`; `split_embedding_weights()` (a
+`[rows, dim]` view per table) and `split_optimizer_states()` (per table, `[state]`: `[rows]` for
+row-wise Adagrad, `[rows, dim]` for Adagrad, none for SGD). It is written in PyTorch ops because
+on CPU fbgemm 1.8's fused backward with row-wise Adagrad took 15-28 ms per Kaggle-size step (26
+tables, 33.8M rows, batch 2048) where this takes about 7 ms (docs/benchmarks.md, "Our table
+kernel"); `optim.sparse.kernel` chooses (auto: this one on CPU, fbgemm on CUDA).
+
+The update is fbgemm's "exact" optimizers' (tests/test_table_kernel.py checks it against fbgemm):
+the gradients of every lookup of a row in the batch are summed first, then, with `g` that sum,
+
+    sgd:              w[r] -= lr * g
+    rowwise_adagrad:  s[r] += mean(g^2);  w[r] -= lr * g / (sqrt(s[r]) + eps)
+    adagrad:          s[r] += g^2;        w[r] -= lr * g / (sqrt(s[r]) + eps)   (per column)
+
+and only rows the batch touched change. fp16 rows are updated as fbgemm's CPU kernel does it,
+w <- fp16(w + fp16(delta)); optimizer state stays fp32.
+
+Layout: tables of one dim share one flat `[rows, dim]` weight (and state) tensor, so each distinct
+dim costs one `embedding_bag` call and one update; mixed dims (emb=mde) make several groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OPTIMIZERS = ("sgd", "rowwise_adagrad", "adagrad")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class BatchedTables(nn.Module):
+    """Tables of `shapes` (`(rows, dim)` each) looked up by features (`feature_table_map[f]` is
+    feature f's table), pooled by `pooling` (sum | mean), rows stored in `precision` (fp32 | fp16)
+    and trained by `optimizer` (sgd | rowwise_adagrad | adagrad, learning rate `lr`, `eps`) inside
+    backward. Weights start at zero: initialize them through `split_embedding_weights()`.
+
+    Raises ValueError for an unknown optimizer, pooling or precision.
+    """
+
+    def __init__(
+        self,
+        shapes: list[tuple[int, int]],
+        feature_table_map: list[int],
+        optimizer: str,
+        lr: float,
+        eps: float = 1e-8,
+        pooling: str = "sum",
+        precision: str = "fp32",
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {optimizer!r}: choose one of {OPTIMIZERS}")
+        if pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling {pooling!r}: choose sum or mean")
+        if precision not in DTYPES:
+            raise ValueError(f"precision {precision!r}: choose one of {list(DTYPES)}")
+        self.shapes = [(int(r), int(d)) for r, d in shapes]
+        self.feature_table_map = list(feature_table_map)
+        self.optimizer, self.lr, self.eps, self.pooling = optimizer, float(lr), float(eps), pooling
+        self.dims = sorted({d for _, d in self.shapes})
+        # Where each table lives: (group = index of its dim, first row in the group's tensor).
+        group_rows = [0] * len(self.dims)
+        self.placement: list[tuple[int, int]] = []
+        for rows, dim in self.shapes:
+            g = self.dims.index(dim)
+            self.placement.append((g, group_rows[g]))
+            group_rows[g] += rows
+        for g, (dim, rows) in enumerate(zip(self.dims, group_rows)):
+            self.register_buffer(f"weights_{g}", torch.zeros(rows, dim, dtype=DTYPES[precision], device=device))
+            if optimizer != "sgd":
+                shape = (rows,) if optimizer == "rowwise_adagrad" else (rows, dim)
+                self.register_buffer(f"momentum1_{g}", torch.zeros(shape, device=device))
+        # Per group: its features (in order) and the row offset of each one's table.
+        self.group_features: list[list[int]] = [[] for _ in self.dims]
+        for f, t in enumerate(self.feature_table_map):
+            self.group_features[self.placement[t][0]].append(f)
+        self.group_row_offsets = [
+            torch.tensor([self.placement[self.feature_table_map[f]][1] for f in fs], dtype=torch.int64, device=device)
+            for fs in self.group_features
+        ]
+        self.feature_dims = [self.shapes[t][1] for t in self.feature_table_map]
+        # autograd calls backward only for outputs that depend on a tensor requiring grad
+        self._anchor = torch.zeros(0, device=device, requires_grad=True)
+
+    def weights(self, g: int) -> torch.Tensor:
+        return getattr(self, f"weights_{g}")
+
+    def states(self, g: int) -> torch.Tensor | None:
+        return getattr(self, f"momentum1_{g}", None)
+
+    def split_embedding_weights(self) -> list[torch.Tensor]:
+        """One `[rows, dim]` view per table (writes land in the table)."""
+        return [self.weights(g)[start : start + rows] for (rows, _), (g, start) in zip(self.shapes, self.placement)]
+
+    def split_optimizer_states(self) -> list[list[torch.Tensor]]:
+        """Per table, `[state view]` (`[rows]` row-wise Adagrad, `[rows, dim]` Adagrad); `[]` for SGD."""
+        if self.optimizer == "sgd":
+            return []
+        return [[self.states(g)[start : start + rows]] for (rows, _), (g, start) in zip(self.shapes, self.placement)]
+
+    def forward(
+        self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pooled rows `[B, sum of feature dims]` (fp32) of the bags given by key-major `indices`
+        `[N]` and `offsets` `[F * B + 1]` (F = len(feature_table_map)); `per_sample_weights` `[N]`
+        scale each id's row (sum pooling only)."""
+        if per_sample_weights is not None and self.pooling != "sum":
+            raise ValueError("per_sample_weights need sum pooling")
+        return _Lookup.apply(self._anchor, self, indices, offsets, per_sample_weights)
+
+    # ------------------------------------------------------------------ per dim group
+
+    def _group_input(self, g: int, indices: torch.Tensor, offsets: torch.Tensor, batch: int):
+        """Group g's ids as rows of its tensor, its offsets `[nf * B + 1]` and the slice of
+        `indices` they came from (a tensor of positions, or None when it is all of them)."""
+        fs = self.group_features[g]
+        bounds = offsets[:: batch]  # [F + 1]: where each feature's ids start
+        if len(fs) == len(self.feature_table_map):  # one dim for every feature (the usual case)
+            counts = bounds.diff()
+            rows = indices + self.group_row_offsets[g].repeat_interleave(counts, output_size=indices.numel())
+            return rows, offsets, None
+        pos = torch.cat([torch.arange(int(bounds[f]), int(bounds[f + 1]), device=indices.device) for f in fs])
+        counts = torch.stack([bounds[f + 1] - bounds[f] for f in fs])
+        rows = indices[pos] + self.group_row_offsets[g].repeat_interleave(counts, output_size=pos.numel())
+        lengths = torch.cat([offsets[f * batch : (f + 1) * batch + 1].diff() for f in fs])
+        return rows, torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]), pos
+
+    @torch.no_grad()
+    def _update(self, g: int, rows: torch.Tensor, grads: torch.Tensor) -> None:
+        """Apply the optimizer to group g: `rows [N]` looked up, `grads [N, dim]` (fp32) theirs."""
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        summed = torch.zeros(unique.numel(), grads.shape[1], device=grads.device).index_add_(0, inverse, grads)
+        if self.optimizer == "sgd":
+            delta = summed.mul_(-self.lr)
+        else:
+            state = self.states(g)
+            square = summed.square()
+            if self.optimizer == "rowwise_adagrad":
+                square = square.mean(1)
+            new = state.index_select(0, unique).add_(square)
+            state.index_copy_(0, unique, new)
+            scale = (-self.lr) / new.sqrt_().add_(self.eps)  # fbgemm's rounding: lr / (sqrt(s) + eps)
+            delta = summed.mul_(scale.unsqueeze(1) if scale.dim() == 1 else scale)
+        weights = self.weights(g)
+        if weights.dtype == torch.float32 or self.optimizer != "rowwise_adagrad":
+            weights.index_add_(0, unique, delta.to(weights.dtype))  # fp16: w + fp16(delta), as fbgemm
+        else:  # fbgemm's row-wise Adagrad adds in fp32 and rounds once: fp16(w + delta)
+            weights.index_copy_(0, unique, weights.index_select(0, unique).float().add_(delta).to(weights.dtype))
+
+
+def _pool(weights: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, mode: str, scale) -> torch.Tensor:
+    """`[bags, dim]` fp32: rows `[N]` of `weights` pooled per bag (`offsets [bags + 1]`)."""
+    if weights.dtype == torch.float32:
+        return F.embedding_bag(rows, weights, offsets, mode=mode, per_sample_weights=scale, include_last_offset=True)
+    # fp16 rows are pooled in fp32, as fbgemm does (embedding_bag would sum in fp16)
+    gathered = weights.index_select(0, rows).float()
+    ids = torch.arange(rows.numel(), device=rows.device)
+    return F.embedding_bag(ids, gathered, offsets, mode=mode, per_sample_weights=scale, include_last_offset=True)
+
+
+class _Lookup(torch.autograd.Function):
+    """Forward: one `embedding_bag` per dim group. Backward: each id's gradient (its bag's,
+    scaled for mean pooling and per-sample weights), then `BatchedTables._update`; no gradient
+    flows anywhere else."""
+
+    @staticmethod
+    def forward(ctx, anchor, tables: BatchedTables, indices, offsets, per_sample_weights):
+        n_features = len(tables.feature_table_map)
+        batch = (offsets.numel() - 1) // n_features
+        mode = tables.pooling
+        blocks: list[torch.Tensor] = [None] * n_features  # type: ignore[list-item]
+        saved = []
+        for g, fs in enumerate(tables.group_features):
+            if not fs:
+                continue
+            rows, group_offsets, pos = tables._group_input(g, indices, offsets, batch)
+            weights = None if per_sample_weights is None else (
+                per_sample_weights if pos is None else per_sample_weights[pos]
+            )
+            pooled = _pool(tables.weights(g), rows, group_offsets, mode, weights)  # [nf * B, dim]
+            if len(fs) == n_features:  # the usual case: straight to [B, F * dim]
+                ctx.tables, ctx.batch, ctx.saved = tables, batch, [(g, rows, group_offsets, weights)]
+                return pooled.view(n_features, batch, -1).transpose(0, 1).reshape(batch, -1)
+            per_feature = pooled.view(len(fs), batch, -1)
+            for k, f in enumerate(fs):
+                blocks[f] = per_feature[k]
+            saved.append((g, rows, group_offsets, weights))
+        ctx.tables, ctx.batch, ctx.saved = tables, batch, saved
+        return torch.cat(blocks, 1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        tables: BatchedTables = ctx.tables
+        batch, grad_output = ctx.batch, grad_output.float()
+        starts = [0]
+        for d in tables.feature_dims:
+            starts.append(starts[-1] + d)
+        for g, rows, group_offsets, weights in ctx.saved:
+            fs, dim = tables.group_features[g], tables.dims[g]
+            if len(fs) == len(tables.feature_table_map):
+                bag_grads = grad_output.view(batch, len(fs), dim).transpose(0, 1).reshape(-1, dim)
+            else:
+                bag_grads = torch.stack([grad_output[:, starts[f] : starts[f] + dim] for f in fs]).reshape(-1, dim)
+            lengths = group_offsets.diff()
+            if tables.pooling == "mean":
+                bag_grads = bag_grads / lengths.clamp(min=1).unsqueeze(1)
+            if rows.numel() == lengths.numel() and bool((lengths == 1).all()):
+                id_grads = bag_grads  # one id per bag (Criteo's one-hot features): nothing to spread
+            else:
+                id_grads = bag_grads.repeat_interleave(lengths, dim=0, output_size=rows.numel())
+            if weights is not None:
+                id_grads = id_grads * weights.unsqueeze(1)
+            tables._update(g, rows, id_grads)
+        return None, None, None, None, None

@@ -1,0 +1,131 @@
+"""Our table kernel (dlrm/embeddings/table_kernel.py) against fbgemm's TBE: the same lookups and
+the same fused updates, step after step, for every optimizer, pooling, precision and mixed dims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dlrm.embeddings import TableSpec, build_embeddings
+from dlrm.embeddings.table_kernel import BatchedTables
+from dlrm.embeddings.tables import fused_tables, table_kernel, tbe_bytes
+
+CPU = torch.device("cpu")
+# two features share table "a"; "c" is narrower, so the kernel keeps two dim groups
+TABLES = [TableSpec("a", 50, 8, ("a", "a2")), TableSpec("b", 30, 8, ("b",)), TableSpec("c", 20, 4, ("c",))]
+ROWS = [50, 50, 30, 20]  # per feature
+WIDTH = 8 + 8 + 8 + 4
+
+
+def optim(name: str, kernel: str):
+    return OmegaConf.create({"name": name, "lr": 0.1, "eps": 1e-8, "kernel": kernel})
+
+
+def random_batch(g: torch.Generator, batch: int = 6, max_bag: int = 4):
+    """Key-major multi-hot bags (some empty), ids with repeats."""
+    lengths = torch.randint(0, max_bag, (len(ROWS) * batch,), generator=g)
+    values = torch.cat([torch.randint(0, ROWS[i // batch], (int(n),), generator=g) for i, n in enumerate(lengths)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return values, offsets, lengths
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+@pytest.mark.parametrize("name", ["sgd", "rowwise_adagrad", "adagrad"])
+def test_lookups_and_updates_match_fbgemm(name, pooling, precision):
+    pair = {}
+    for kernel in ("fbgemm", "torch"):
+        torch.manual_seed(0)  # the same initial rows
+        pair[kernel] = fused_tables(TABLES, optim(name, kernel), pooling, CPU, precision)
+    assert isinstance(pair["torch"], BatchedTables)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        values, offsets, _ = random_batch(g)
+        grad = torch.randn(6, WIDTH, generator=g)
+        outs = []
+        for module in pair.values():
+            out = module(values, offsets)
+            out.backward(grad)
+            outs.append(out.detach())
+        assert outs[1].dtype == torch.float32 and outs[1].shape == (6, WIDTH)
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
+    # fp16 rows: at most one fp16 ulp apart (fbgemm's row-wise mean of g^2 sums in another order)
+    tol = {"fp32": dict(atol=1e-6, rtol=1e-6), "fp16": dict(atol=4e-6, rtol=1e-3)}[precision]
+    for w_fb, w_ours in zip(pair["fbgemm"].split_embedding_weights(), pair["torch"].split_embedding_weights()):
+        assert w_ours.dtype == w_fb.dtype and w_ours.shape == w_fb.shape
+        torch.testing.assert_close(w_ours.float(), w_fb.float(), **tol)
+        assert not torch.equal(w_ours.float(), w_ours.float().clone().uniform_())  # trained, not zero
+    states = list(zip(pair["fbgemm"].split_optimizer_states(), pair["torch"].split_optimizer_states()))
+    assert len(states) == (0 if name == "sgd" else len(TABLES))
+    for (s_fb,), (s_ours,) in states:
+        assert s_ours.shape == s_fb.shape
+        torch.testing.assert_close(s_ours, s_fb, atol=1e-6, rtol=1e-5)
+    assert tbe_bytes(pair["torch"]) == tbe_bytes(pair["fbgemm"])
+
+
+def test_only_the_looked_up_rows_change_and_duplicates_are_summed_once():
+    """Row-wise Adagrad by hand: row 3 looked up twice gets one update with the summed gradient."""
+    tables = fused_tables([TableSpec("t", 10, 2, ("x",))], optim("rowwise_adagrad", "torch"), "sum", CPU)
+    w = tables.split_embedding_weights()[0]
+    before = w.clone()
+    out = tables(torch.tensor([3, 3, 7]), torch.tensor([0, 1, 2, 3]))  # 3 bags of one id
+    grad = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.5, 0.5]])
+    out.backward(grad)
+    for row, g in ((3, torch.tensor([4.0, 6.0])), (7, torch.tensor([0.5, 0.5]))):
+        state = g.square().mean()
+        torch.testing.assert_close(w[row], before[row] - 0.1 * g / (state.sqrt() + 1e-8))
+        torch.testing.assert_close(tables.split_optimizer_states()[0][0][row], state)
+    changed = (w != before).any(1).nonzero().flatten().tolist()
+    assert changed == [3, 7]
+
+
+def test_per_sample_weights_scale_lookups_and_gradients():
+    pair = {}
+    for kernel in ("fbgemm", "torch"):
+        torch.manual_seed(0)
+        pair[kernel] = fused_tables(TABLES[:1], optim("sgd", kernel), "sum", CPU)
+    values, offsets = torch.tensor([1, 4, 4, 9, 2]), torch.tensor([0, 2, 3, 5, 5])  # 2 features x 2 bags
+    scale = torch.tensor([0.5, 2.0, -1.0, 3.0, 1.5])
+    grad = torch.randn(2, 16, generator=torch.Generator().manual_seed(2))
+    for module in pair.values():
+        module(values, offsets, per_sample_weights=scale).backward(grad)
+    torch.testing.assert_close(
+        pair["torch"].split_embedding_weights()[0], pair["fbgemm"].split_embedding_weights()[0], atol=1e-6, rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="sum pooling"):
+        fused_tables(TABLES[:1], optim("sgd", "torch"), "mean", CPU)(values, offsets, per_sample_weights=scale)
+
+
+def test_kernel_choice_and_its_error():
+    assert table_kernel(optim("sgd", "auto"), CPU) == "torch"
+    assert table_kernel(optim("sgd", "auto"), torch.device("cuda")) == "fbgemm"
+    assert table_kernel(OmegaConf.create({"name": "sgd", "lr": 0.1}), CPU) == "torch"  # key absent: auto
+    with pytest.raises(ValueError, match=r"optim.sparse.kernel='cuda'"):
+        fused_tables(TABLES, optim("sgd", "cuda"), "sum", CPU)
+
+
+@pytest.mark.parametrize("backend", ["full", "hashed", "qr", "mde"])
+def test_backends_train_alike_on_both_kernels(backend):
+    """A whole backend (its id transform in front of the tables) gives the same outputs and
+    updates on either kernel over a few steps."""
+    tables = [TableSpec("t_C1", 200, 8, ("C1",)), TableSpec("t_C2", 30, 8, ("C2",))]
+    cfg = OmegaConf.create({"name": backend, "dim": 8, "compression": 4, "min_rows": 50})
+    built = {}
+    for kernel in ("fbgemm", "torch"):
+        torch.manual_seed(0)
+        built[kernel] = build_embeddings(tables, cfg, optim("rowwise_adagrad", kernel), CPU)
+    g = torch.Generator().manual_seed(3)
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    for _ in range(4):
+        ids = torch.cat([torch.randint(0, 200, (16,), generator=g), torch.randint(0, 30, (16,), generator=g)])
+        kjt = KeyedJaggedTensor.from_lengths_sync(["C1", "C2"], ids, torch.ones(32, dtype=torch.int64))
+        grad = torch.randn(16, 16, generator=g)
+        outs = []
+        for emb in built.values():
+            out = emb(kjt).values()
+            out.backward(grad)
+            outs.append(out.detach())
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert built["torch"].embedding_bytes() == built["fbgemm"].embedding_bytes()
