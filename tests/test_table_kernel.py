@@ -22,18 +22,21 @@ def optim(name: str, kernel: str):
     return OmegaConf.create({"name": name, "lr": 0.1, "eps": 1e-8, "kernel": kernel})
 
 
-def random_batch(g: torch.Generator, batch: int = 6, max_bag: int = 4):
-    """Key-major multi-hot bags (some empty), ids with repeats."""
-    lengths = torch.randint(0, max_bag, (len(ROWS) * batch,), generator=g)
+def random_batch(g: torch.Generator, batch: int = 6, one_hot: bool = False):
+    """Key-major bags of 0-3 ids (or exactly one: the kernel's one-hot path), ids with repeats."""
+    lengths = torch.randint(0, 4, (len(ROWS) * batch,), generator=g)
+    if one_hot:
+        lengths = torch.ones_like(lengths)
     values = torch.cat([torch.randint(0, ROWS[i // batch], (int(n),), generator=g) for i, n in enumerate(lengths)])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     return values, offsets, lengths
 
 
+@pytest.mark.parametrize("one_hot", [False, True], ids=["multi_hot", "one_hot"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
 @pytest.mark.parametrize("name", ["sgd", "rowwise_adagrad", "adagrad"])
-def test_lookups_and_updates_match_fbgemm(name, pooling, precision):
+def test_lookups_and_updates_match_fbgemm(name, pooling, precision, one_hot):
     pair = {}
     for kernel in ("fbgemm", "torch"):
         torch.manual_seed(0)  # the same initial rows
@@ -41,7 +44,7 @@ def test_lookups_and_updates_match_fbgemm(name, pooling, precision):
     assert isinstance(pair["torch"], BatchedTables)
     g = torch.Generator().manual_seed(1)
     for _ in range(6):
-        values, offsets, _ = random_batch(g)
+        values, offsets, _ = random_batch(g, one_hot=one_hot)
         grad = torch.randn(6, WIDTH, generator=g)
         outs = []
         for module in pair.values():
@@ -80,16 +83,22 @@ def test_only_the_looked_up_rows_change_and_duplicates_are_summed_once():
     assert changed == [3, 7]
 
 
-def test_per_sample_weights_scale_lookups_and_gradients():
+@pytest.mark.parametrize("one_hot", [False, True], ids=["multi_hot", "one_hot"])
+def test_per_sample_weights_scale_lookups_and_gradients(one_hot):
     pair = {}
     for kernel in ("fbgemm", "torch"):
         torch.manual_seed(0)
         pair[kernel] = fused_tables(TABLES[:1], optim("sgd", kernel), "sum", CPU)
-    values, offsets = torch.tensor([1, 4, 4, 9, 2]), torch.tensor([0, 2, 3, 5, 5])  # 2 features x 2 bags
-    scale = torch.tensor([0.5, 2.0, -1.0, 3.0, 1.5])
+    # 2 features x 2 bags
+    values, offsets = torch.tensor([1, 4, 4, 9, 2]), torch.tensor([0, 2, 3, 5, 5])
+    if one_hot:
+        values, offsets = torch.tensor([1, 4, 4, 9]), torch.tensor([0, 1, 2, 3, 4])
+    scale = torch.tensor([0.5, 2.0, -1.0, 3.0, 1.5])[: values.numel()]
     grad = torch.randn(2, 16, generator=torch.Generator().manual_seed(2))
-    for module in pair.values():
-        module(values, offsets, per_sample_weights=scale).backward(grad)
+    outs = [module(values, offsets, per_sample_weights=scale) for module in pair.values()]
+    torch.testing.assert_close(outs[1], outs[0])
+    for out in outs:
+        out.backward(grad)
     torch.testing.assert_close(
         pair["torch"].split_embedding_weights()[0], pair["fbgemm"].split_embedding_weights()[0], atol=1e-6, rtol=1e-6
     )
