@@ -138,3 +138,10 @@ def test_backends_train_alike_on_both_kernels(backend):
             outs.append(out.detach())
         torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     assert built["torch"].embedding_bytes() == built["fbgemm"].embedding_bytes()
+
+
+def test_the_tables_benchmark_times_both_kernels():
+    from dlrm.bench.tables import main
+
+    out = main(["--max-rows", "1000", "--batch-size", "64", "--batches", "2", "--rounds", "1", "--threads", "1"])
+    assert out["torch_median_ms"] > 0 and out["fbgemm_median_ms"] > 0 and out["fbgemm_over_torch"] > 0

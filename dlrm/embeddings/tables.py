@@ -1,16 +1,19 @@
-"""The fbgemm table toolkit: fused batched tables (TBE), their init, their byte accounting.
+"""The table toolkit: fused batched tables, their init, their byte accounting.
 
-fbgemm's `SplitTableBatchedEmbeddingBagsCodegen` (TBE, the kernel under torchrec's fused tables)
-looks up all tables in one call and applies SGD / (row-wise) Adagrad inside backward, touching
-only the rows the batch used. A plain `nn.EmbeddingBag` with a dense optimizer instead writes a
-rows-sized gradient every step (benchmarked in docs/benchmarks.md).
+A batched-tables module looks up all tables in one call and applies SGD / (row-wise) Adagrad
+inside backward, touching only the rows the batch used; a plain `nn.EmbeddingBag` with a dense
+optimizer instead writes a rows-sized gradient every step (benchmarked in docs/benchmarks.md).
+Two kernels have that contract, chosen by `optim.sparse.kernel`: fbgemm's
+`SplitTableBatchedEmbeddingBagsCodegen` (TBE, the kernel under torchrec's fused tables; the
+default on CUDA) and ours, `table_kernel.BatchedTables` (the default on CPU, where fbgemm 1.8's
+fused backward measured 2-3x slower). Both give the same updates (tests/test_table_kernel.py).
 
 We call TBE directly rather than through torchrec's FusedEmbeddingBagCollection: our KJT is
 already key-major (the layout TBE wants), so this saves a split/concat per feature, and int64
 indices measured faster than the int32 that wrapper converts to (7.6 vs 11.1 ms per step).
 
-Every backend whose rows are plain rows uses this module: full, hashed and qr (in front of an id
-transform), cached (its cache is a TBE).
+Every backend whose rows are plain rows uses this module: full, hashed, qr and hybrid (in front
+of an id transform), mde (its blocks), cached (its cache).
 """
 
 from __future__ import annotations
