@@ -193,13 +193,20 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
             # emb.path: where a disk store lives may move too. emb.resume: written into the
             # config by runs before the Runtime argument existed; ignored in their checkpoints.
             return {k: v for k, v in node.items() if k not in ("path", "resume")}
+        if key == "optim" and isinstance(node, dict) and isinstance(node.get("sparse"), dict):
+            # before optim.sparse.kernel existed, every table ran in fbgemm's kernel
+            return {**node, "sparse": {"kernel": "fbgemm", **node["sparse"]}}
         return node
 
     differ = [k for k in MUST_MATCH if strip(get(saved, k), k) != strip(get(current, k), k)]
     if differ:
+        kernel = get(strip(get(saved, "optim"), "optim"), "sparse.kernel")
+        hint = f" (its tables were written by the {kernel} kernel: add optim.sparse.kernel={kernel})" if (
+            differ == ["optim"] and kernel != get(current, "optim.sparse.kernel")
+        ) else ""
         raise ValueError(
             f"{path}: checkpoint was written with other settings for {differ}; resume with the "
-            "same emb/model/optim/data settings, seed and batch size"
+            f"same emb/model/optim/data settings, seed and batch size{hint}"
         )
 
 

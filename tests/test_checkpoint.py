@@ -99,3 +99,18 @@ def test_a_run_that_dies_after_a_checkpoint_resumes_from_it_with_a_disk_store(
         compose_cfg(*extra, "trainer.max_steps=16", f"trainer.resume={tmp_path / 'first'}"), tmp_path / "resumed"
     )
     assert _metrics(resumed) == pytest.approx(_metrics(straight), abs=1e-6)
+
+
+def test_a_checkpoint_from_before_the_table_kernel_choice_names_the_kernel_to_resume_with(tmp_path):
+    """Checkpoints written before optim.sparse.kernel existed hold fbgemm's table state."""
+    from dlrm.checkpoint import check_config
+
+    old = {"optim": {"dense": {"name": "adam"}, "sparse": {"name": "rowwise_adagrad", "lr": 0.1}}}
+    now = {"optim": {"dense": {"name": "adam"}, "sparse": {"name": "rowwise_adagrad", "lr": 0.1, "kernel": "auto"}}}
+    with pytest.raises(ValueError, match=r"\['optim'\].*written by the fbgemm kernel: add optim.sparse.kernel=fbgemm"):
+        check_config(old, now, tmp_path / "step-3.pt")
+    now["optim"]["sparse"]["kernel"] = "fbgemm"
+    check_config(old, now, tmp_path / "step-3.pt")  # the same kernel: resumes
+    now["optim"]["sparse"]["lr"] = 0.5
+    with pytest.raises(ValueError, match=r"\['optim'\]; resume with the same [^(]*$"):
+        check_config(old, now, tmp_path / "step-3.pt")  # another lr: no kernel hint
