@@ -40,6 +40,7 @@ from tqdm import tqdm
 from dlrm import checkpoint
 from dlrm import compile as compile_step
 from dlrm.data.loader import ParquetLoader
+from dlrm.malloc import keep_freed_memory
 from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.metrics import EvalMetrics
 from dlrm.model import DLRM
@@ -148,6 +149,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg.trainer
         self.run_config = OmegaConf.to_container(cfg, resolve=True)  # saved with checkpoints
+        keep_freed_memory()  # each step's buffers stay mapped: no page faults per step (malloc.py)
         self.model = model.to(device)
         self.train_data, self.eval_data = train_data, eval_data
         self.tele = telemetry
