@@ -27,3 +27,10 @@ def test_freed_buffers_are_reused_without_page_faults():
     default, kept = map(int, out.split())
     assert default > 10 * 1000  # up to 2048 faults per 8 MiB buffer without it (16k measured)
     assert kept < 200
+
+
+def test_dlrm_malloc_glibc_leaves_the_defaults():
+    script = "from dlrm.malloc import keep_freed_memory; print(keep_freed_memory())"
+    env = {**__import__("os").environ, "DLRM_MALLOC": "glibc"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"

@@ -13,8 +13,9 @@ queue), as in a run.
 `--against` builds a second Trainer with the extra overrides and times both on the same held
 batches, alternating A B B A per batch, so a shared machine's drift hits both alike; it prints
 each one's median and minimum step, the ratio of the medians, and the voluntary context switches
-per step (`ru_nvcsw`: hundreds per step mean OpenMP threads are put to sleep, docs/benchmarks.md)
-and the process CPU time per step (all threads; on a loaded machine the steadier figure).
+per step (`ru_nvcsw`: hundreds per step mean OpenMP threads are put to sleep, docs/benchmarks.md),
+the minor page faults per step (`ru_minflt`: thousands mean freed buffers went back to the OS,
+dlrm/malloc.py; `DLRM_MALLOC=glibc` leaves glibc's defaults to compare) and the process CPU time per step (all threads; on a loaded machine the steadier figure).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def side_by_side(trainers: dict[str, Trainer], held: list, warmup: int) -> dict:
     times: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     switches: dict[str, int] = {n: 0 for n in names}
+    faults: dict[str, int] = {n: 0 for n in names}
     for i, batch in enumerate(held):
         for name in names if i % 2 == 0 else names[::-1]:
             u0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -74,6 +76,7 @@ def side_by_side(trainers: dict[str, Trainer], held: list, warmup: int) -> dict:
                 times[name].append(dt)
                 cpu[name].append((u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime) * 1e3)
                 switches[name] += u1.ru_nvcsw - u0.ru_nvcsw
+                faults[name] += u1.ru_minflt - u0.ru_minflt
     steps = len(held) - warmup
     out = {
         n: {
@@ -81,6 +84,7 @@ def side_by_side(trainers: dict[str, Trainer], held: list, warmup: int) -> dict:
             "min_ms": min(t),
             "cpu_ms": statistics.median(cpu[n]),  # process CPU time: all threads, spinning included
             "nvcsw_per_step": switches[n] / steps,
+            "minflt_per_step": faults[n] / steps,  # minor page faults (dlrm/malloc.py)
         }
         for n, t in times.items()
     }
@@ -106,9 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
             base = " ".join(args.overrides) or "default"
             result = {"threads": threads, **side_by_side({base: trainer, args.against: other}, held, args.warmup)}
         else:
+            time_each(trainer.train_step, held[: args.warmup])
+            u0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            memory_ms = median_ms(trainer, held[args.warmup :], 0)
             result = {
                 "threads": threads,
-                "memory_ms": median_ms(trainer, held, args.warmup),
+                "memory_ms": memory_ms,
+                "minflt_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - u0) / (len(held) - args.warmup),
                 "live_loader_ms": median_ms(trainer, (next(batches) for _ in range(args.batches)), args.warmup),
                 "memory_again_ms": median_ms(trainer, held, args.warmup),  # same rows again: warmer caches
             }
