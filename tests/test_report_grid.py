@@ -105,3 +105,28 @@ def test_two_variants_of_a_method_at_one_budget_are_two_rows(tmp_path):
     assert set(cells.index) == {"hybrid (emb.allocation=global)", "hybrid (emb.allocation=table)"}
     assert cells.at["hybrid (emb.allocation=global)", "auc_diff_vs_full"] == pytest.approx(0.767 + 0.0003 - 0.77)
     assert "| hybrid (emb.allocation=table) |" in (tmp_path / "grid.md").read_text()
+
+
+def test_eval_noise_scores_each_checkpoint_on_slices_of_the_eval_split(compose_cfg, tiny_dataset, tmp_path):
+    """scripts/eval_noise.py: each run's last checkpoint re-scored on the whole eval split gives
+    the run's own final AUC; slices and the seed spread follow from those scores."""
+    import statistics
+
+    from dlrm.report.eval_noise import main as eval_noise
+    from dlrm.train import run
+
+    results = {}
+    for seed in (1, 2):
+        results[seed] = run(
+            compose_cfg(f"seed={seed}", "trainer.max_steps=4", "trainer.checkpoint_every=4", "trainer.eval_every=0"),
+            tmp_path / "sweep" / str(seed),
+        )
+    summary = eval_noise([str(tmp_path / "sweep"), "--subsets", "2", "--out", str(tmp_path / "noise.json")])
+    assert len(summary) == 1  # one group: the runs differ only by seed
+    group = summary[0]
+    assert group["seeds"] == [1, 2] and group["slice_rows"] * 2 <= group["rows"]
+    for auc, seed in zip(group["auc_all"], (1, 2)):
+        assert auc == pytest.approx(results[seed]["auc"], abs=1e-5)
+    assert group["seed_sd_all"] == pytest.approx(statistics.stdev(group["auc_all"]))
+    assert all(len(r["auc_slices"]) == 2 for r in group["runs"])
+    assert json.loads((tmp_path / "noise.json").read_text())[0]["group"] == group["group"]
