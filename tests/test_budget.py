@@ -115,7 +115,7 @@ def test_grid_recipe_lists_every_cell_and_records_unreachable_ones(data_root, ti
     recipe = OmegaConf.load(root / "conf/experiment/compression_grid.yaml")
     points = [p.strip() for p in recipe.hydra.sweeper.params["+experiment/compression_grid"].split(",")]
     files = sorted(p.stem for p in (root / "conf/experiment/compression_grid").glob("*.yaml"))
-    assert sorted(points) == files and len(points) == 25
+    assert sorted(points) == files and len(points) == 29  # full + 7 methods (hybrid twice) x 4 budgets
     proc = subprocess.run(
         [sys.executable, "-m", "dlrm.train", "-m", "+experiment=compression_grid", *tiny_overrides(data_root),
          "+experiment/compression_grid=fp16_x10,hybrid_x10", "seed=1", "trainer.max_steps=3",
