@@ -33,6 +33,7 @@ from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
 from dlrm.distributed import run as dist_run
 from dlrm.embeddings import Runtime
+from dlrm.embeddings.tables import table_kernel
 from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.embeddings.budget import BudgetUnreachable
 from dlrm.io import atomic_write_text
@@ -157,8 +158,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.text("embeddings", embeddings.describe())
     log.info("embeddings:\n%s", embeddings.describe())
     log.info(
-        "device %s, %d threads, precision %s, data %s",
-        device, threads, precision, path,
+        "device %s, %d threads, precision %s, table kernel %s (optim.sparse.kernel=%s), data %s",
+        device, threads, precision,
+        # under torchrun, sharded tables run in torchrec's fbgemm collection whatever the kernel
+        "fbgemm (torchrec, sharded)" if env.distributed else table_kernel(cfg.optim.sparse, device),
+        cfg.optim.sparse.get("kernel", "auto"), path,
     )
 
     trainer_cls = Trainer

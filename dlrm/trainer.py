@@ -132,7 +132,6 @@ class TrainState:
     step_times: list[float] = field(default_factory=list)  # seconds, after warm-up
     timed_samples: int = 0
     timed_wall: float = 0.0
-    paused: float = 0.0  # seconds spent in mid-training evals, kept out of samples/s
     last_loss: float = float("nan")
 
 
@@ -190,6 +189,9 @@ class Trainer:
         )
         self.model.train()
         timed_from = None
+        # The timed wall clock runs from the first step after warm-up, minus the evals and
+        # checkpoints inside that window; a resumed run adds its window to the one saved.
+        wall_before, paused = state.timed_wall, 0.0
         first_step = state.step  # > 0 when resumed: warm-up counts from here
         # A run shorter than its warm-up still times its second half, so results.json never
         # holds NaN step times (not valid JSON for strict readers).
@@ -210,17 +212,19 @@ class Trainer:
                         timed_from = t0
                     state.step_times.append(t1 - t0)
                     state.timed_samples += len(batch)
-                    state.timed_wall = t1 - timed_from - state.paused
+                    state.timed_wall = wall_before + (t1 - timed_from - paused)
                 self._log_train(state, loss, t1 - t0, len(batch), bar)
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
                     t_eval = time.perf_counter()
                     self.evaluate(periodic=True)
                     self.model.train()
-                    state.paused += time.perf_counter() - t_eval
+                    if timed_from is not None:
+                        paused += time.perf_counter() - t_eval
                 if self.checkpoint_dir is not None and state.step % every == 0:
                     t_save = time.perf_counter()
                     self.save_checkpoint()
-                    state.paused += time.perf_counter() - t_save
+                    if timed_from is not None:
+                        paused += time.perf_counter() - t_save
                 if self._stop.signum is not None:
                     self._interrupt()
                 if state.step >= cfg.max_steps:

@@ -114,3 +114,26 @@ def test_a_checkpoint_from_before_the_table_kernel_choice_names_the_kernel_to_re
     now["optim"]["sparse"]["lr"] = 0.5
     with pytest.raises(ValueError, match=r"\['optim'\]; resume with the same [^(]*$"):
         check_config(old, now, tmp_path / "step-3.pt")  # another lr: no kernel hint
+
+
+def test_a_checkpoint_during_warm_up_is_not_subtracted_from_the_timed_window(
+    compose_cfg, tiny_dataset, tmp_path, monkeypatch
+):
+    """With 4 warm-up steps, a 6-step run times steps 4-6; its step-3 checkpoint came before that window. Subtracting
+    it anyway gave negative samples/s (found by a new-user trial; Kaggle-size tables take 11 s
+    to save, stood in for here by a slow save)."""
+    import time
+
+    from dlrm.trainer import Trainer
+
+    save = Trainer.save_checkpoint
+
+    def slow_save(self, *args, **kwargs):
+        time.sleep(0.5)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", slow_save)
+    cfg = compose_cfg("trainer.max_steps=6", "trainer.warmup_steps=4", "trainer.checkpoint_every=3", "trainer.eval_every=0")
+    res = run(cfg, tmp_path / "r")
+    steps_only = res["global_batch_size"] / (res["step_time_ms"] / 1e3)  # samples/s of the median step
+    assert 0 < res["samples_per_s"] <= 2 * steps_only
