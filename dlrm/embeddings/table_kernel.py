@@ -84,7 +84,9 @@ class BatchedTables(nn.Module):
             torch.tensor([self.placement[self.feature_table_map[f]][1] for f in fs], dtype=torch.int64, device=device)
             for fs in self.group_features
         ]
-        self.feature_dims = [self.shapes[t][1] for t in self.feature_table_map]
+        # each feature's first column in the output [B, sum of feature dims]
+        dims = [self.shapes[t][1] for t in self.feature_table_map]
+        self.feature_starts = [sum(dims[:f]) for f in range(len(dims))]
         # autograd calls backward only for outputs that depend on a tensor requiring grad
         self._anchor = torch.zeros(0, device=device, requires_grad=True)
 
@@ -203,9 +205,7 @@ class _Lookup(torch.autograd.Function):
     def backward(ctx, grad_output):
         tables: BatchedTables = ctx.tables
         batch, grad_output = ctx.batch, grad_output.float()
-        starts = [0]
-        for d in tables.feature_dims:
-            starts.append(starts[-1] + d)
+        starts = tables.feature_starts
         for g, unique, order, lengths, scale, one_hot in ctx.saved:
             fs, dim = tables.group_features[g], tables.dims[g]
             if len(fs) == len(tables.feature_table_map):
