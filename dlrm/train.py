@@ -9,6 +9,7 @@ Returns the sweep metric (`trainer.metric`, eval AUC by default) for Hydra sweep
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -141,12 +142,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     unfolded = {f: n for f, n in eval_data.meta.cardinalities.items() if f not in eval_data.max_rows}
     check_id_ranges(eval_data.files, unfolded, cfg.data.eval_split)
     cardinalities = {f: train_data.cardinalities[f] for f in SPARSE}
+    if not resume:  # the first batches are read while the tables are initialized
+        train_data.start(0)
     try:
         model = build_model(cfg, cardinalities, device, train_data.dense_width, runtime)
     except BudgetUnreachable as e:
+        train_data.stop()
         if cfg.emb.budget_unreachable == "fail":
             raise
         return record_unreachable(cfg, e, out_dir, t_start)
+    except BaseException:
+        train_data.stop()
+        raise
     if env.distributed:
         from dlrm.distributed.model import wrap  # torchrec's DMP: only under torchrun
 
@@ -361,6 +368,22 @@ def main() -> None:
         print(error, file=sys.stderr)
         sys.exit(2)
     _hydra_main()
+    exit_without_teardown()
+
+
+def exit_without_teardown() -> None:
+    """End the process once everything is written, skipping the interpreter's teardown.
+
+    With torch, torchrec, fbgemm and dynamo loaded, Python's module teardown took 1-2 s after the
+    last line of a run (`python -c "import dlrm.train"` exits in 1.1-2.0 s, in 0.06 s this way):
+    a second of every run and every sweep job. The atexit handlers still run first (logging's
+    flush, cached tables' write-back, multiprocessing's reaping of loader workers), then stdio is
+    flushed and the process ends with status 0.
+    """
+    atexit._run_exitfuncs()  # the registered handlers, in order (what normal exit runs first)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

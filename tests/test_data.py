@@ -118,6 +118,31 @@ def test_shuffled_epoch_has_every_row_once_and_depends_on_seed(tiny_dataset):
     assert not torch.equal(a[0].dense, other_seed[0].dense)
 
 
+def test_started_epoch_yields_the_same_batches_and_stops_cleanly(tiny_dataset):
+    """`start` (train.py calls it before building the model) reads ahead in the background; the
+    epoch then yields exactly what it would have, a start for another epoch is dropped, and
+    `stop` ends an epoch nobody took over."""
+    def dense(batches):
+        return [b.dense for b in batches]
+
+    plain = ParquetLoader(tiny_dataset, "train", batch_size=999, seed=1)
+    want0, want1 = dense(plain.epoch(0)), dense(plain.epoch(1))
+    loader = ParquetLoader(tiny_dataset, "train", batch_size=999, seed=1)
+    loader.start(0)
+    assert loader._started is not None and loader._started[-1].is_alive()
+    got = dense(loader.epoch(0))
+    assert len(got) == len(want0) and all(torch.equal(a, b) for a, b in zip(got, want0))
+    loader.start(0)  # a start for epoch 0, then epoch 1 is asked for: that thread is stopped
+    thread = loader._started[-1]
+    got = dense(loader.epoch(1))
+    assert not thread.is_alive()
+    assert all(torch.equal(a, b) for a, b in zip(got, want1)) and len(got) == len(want1)
+    loader.start(0)
+    thread = loader._started[-1]
+    loader.stop()
+    assert loader._started is None and not thread.is_alive()
+
+
 def test_worker_processes_give_every_row_once_deterministically(tiny_dataset):
     def epoch(workers):
         loader = ParquetLoader(

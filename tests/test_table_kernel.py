@@ -145,3 +145,26 @@ def test_the_tables_benchmark_times_both_kernels():
 
     out = main(["--max-rows", "1000", "--batch-size", "64", "--batches", "2", "--rounds", "1", "--threads", "1"])
     assert out["torch_median_ms"] > 0 and out["fbgemm_median_ms"] > 0 and out["fbgemm_over_torch"] > 0
+
+
+def test_init_is_parallel_but_depends_only_on_the_seed(monkeypatch):
+    """init_uniform_ fills chunks on several threads, each from its own seeded generator: the same
+    seed gives the same table on 1 or 2 threads, inside the bound, and chunks are not repeats."""
+    from dlrm.embeddings import tables
+
+    monkeypatch.setattr(tables, "INIT_CHUNK_ROWS", 1000)
+    threads = torch.get_num_threads()
+
+    def init(seed: int, n_threads: int) -> torch.Tensor:
+        torch.set_num_threads(n_threads)
+        torch.manual_seed(seed)
+        return tables.init_uniform_(torch.empty(4500, 8), 100)
+
+    try:
+        one, two, other = init(3, 1), init(3, 2), init(4, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert not torch.equal(one, other)
+    assert one.abs().max() <= 0.1 and one.std() > 0.05  # U(-0.1, 0.1): std 0.058
+    assert not torch.equal(one[:1000], one[1000:2000])

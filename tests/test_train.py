@@ -147,3 +147,22 @@ def test_auto_threads_share_the_cores_between_torchrun_processes(monkeypatch):
         assert set_threads(3) == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_exit_without_teardown_runs_exit_handlers_and_flushes_output(tmp_path):
+    """`python -m dlrm.train` ends with os._exit to skip Python's slow module teardown: the
+    atexit handlers (the cache's write-back, logging) must still run, and buffered output must
+    not be lost."""
+    marker = tmp_path / "handler-ran"
+    script = (
+        "import atexit, sys\n"
+        "from dlrm.train import exit_without_teardown\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ok'))\n"
+        "sys.stdout.write('buffered line')\n"
+        "exit_without_teardown()\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "buffered line"
+    assert marker.read_text() == "ok"

@@ -250,6 +250,14 @@ class ParquetLoader:
                 f"{world_size} processes that share them (write smaller row groups or use fewer processes)"
             )
         self.rank, self.world_size, self.pad = rank, world_size, pad
+        self._started: tuple | None = None  # (epoch, queue, stop, thread) of `start`
+
+    def start(self, epoch: int) -> None:
+        """Begin reading `epoch` in the background thread now (e.g. while the model is being
+        built); the next `epoch(epoch)` takes over the batches read so far. A no-op with
+        `workers` > 0 (their processes start with the DataLoader)."""
+        if self.workers == 0 and self._started is None:
+            self._started = (epoch, *self._start_thread(epoch))
 
     def _index_row_groups(self) -> list[tuple[Path, int, int]]:
         groups = []
@@ -336,12 +344,13 @@ class ParquetLoader:
                 for batch in chunk.batches(self.batch_size):
                     yield batch.pin_memory() if self.pin_memory else batch
             return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        worker = threading.Thread(
-            target=self._produce, args=(epoch, q, stop), daemon=True, name="parquet-loader"
-        )
-        worker.start()
+        started, self._started = self._started, None
+        if started is not None and started[0] == epoch:
+            q, stop, worker = started[1:]
+        else:
+            if started is not None:  # started for another epoch: stop that thread
+                self._stop_thread(*started[1:])
+            q, stop, worker = self._start_thread(epoch)
         try:
             while True:
                 item = q.get()
@@ -351,12 +360,31 @@ class ParquetLoader:
                     raise item
                 yield item
         finally:
-            stop.set()
-            while worker.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    worker.join(timeout=0.05)
+            self._stop_thread(q, stop, worker)
+
+    def stop(self) -> None:
+        """Stop the thread of `start` if no epoch took it over (e.g. the run ended before training)."""
+        started, self._started = self._started, None
+        if started is not None:
+            self._stop_thread(*started[1:])
+
+    def _start_thread(self, epoch: int) -> tuple[queue.Queue, threading.Event, threading.Thread]:
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=self._produce, args=(epoch, q, stop), daemon=True, name="parquet-loader"
+        )
+        worker.start()
+        return q, stop, worker
+
+    @staticmethod
+    def _stop_thread(q: queue.Queue, stop: threading.Event, worker: threading.Thread) -> None:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.05)
 
     def _produce(self, epoch: int, q: queue.Queue, stop: threading.Event) -> None:
         # a second OpenMP team for this thread's torch ops slows every training step (dlrm.threads)

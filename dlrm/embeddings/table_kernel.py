@@ -84,9 +84,19 @@ class BatchedTables(nn.Module):
             torch.tensor([self.placement[self.feature_table_map[f]][1] for f in fs], dtype=torch.int64, device=device)
             for fs in self.group_features
         ]
-        # each feature's first column in the output [B, sum of feature dims]
+        # Mixed dims: each group's output columns in [B, sum of feature dims] and, per feature, its
+        # group and its table's first row in the group's tensor (the group inputs and outputs are
+        # then a handful of gathers per group, not a Python loop over features).
         dims = [self.shapes[t][1] for t in self.feature_table_map]
-        self.feature_starts = [sum(dims[:f]) for f in range(len(dims))]
+        starts = [sum(dims[:f]) for f in range(len(dims))]
+        self.group_columns = [
+            torch.tensor([starts[f] + c for f in fs for c in range(self.dims[g])], dtype=torch.int64, device=device)
+            for g, fs in enumerate(self.group_features)
+        ]
+        self.group_feature_index = [torch.tensor(fs, dtype=torch.int64, device=device) for fs in self.group_features]
+        place = [self.placement[t] for t in self.feature_table_map]
+        self.feature_group = torch.tensor([g for g, _ in place], dtype=torch.int64, device=device)  # [F]
+        self.feature_row_offset = torch.tensor([r for _, r in place], dtype=torch.int64, device=device)  # [F]
         # autograd calls backward only for outputs that depend on a tensor requiring grad
         self._anchor = torch.zeros(0, device=device, requires_grad=True)
 
@@ -118,19 +128,17 @@ class BatchedTables(nn.Module):
 
     # ------------------------------------------------------------------ per dim group
 
-    def _group_input(self, g: int, indices: torch.Tensor, offsets: torch.Tensor, batch: int):
-        """Group g's ids as rows of its tensor, its offsets `[nf * B + 1]` and the slice of
-        `indices` they came from (a tensor of positions, or None when it is all of them)."""
-        fs = self.group_features[g]
-        bounds = offsets[:: batch]  # [F + 1]: where each feature's ids start
-        if len(fs) == len(self.feature_table_map):  # one dim for every feature (the usual case)
-            counts = bounds.diff()
+    def _group_input(self, g: int, indices: torch.Tensor, offsets: torch.Tensor, batch: int, feature=None):
+        """Group g's ids as rows of its tensor, its offsets `[nf * B + 1]` and the positions in
+        `indices` they came from (None when it is all of them). `feature` `[N]`: each id's
+        feature (needed with several groups)."""
+        if len(self.group_features[g]) == len(self.feature_table_map):  # one dim for every feature (the usual case)
+            counts = offsets[::batch].diff()  # [F]: ids per feature
             rows = indices + self.group_row_offsets[g].repeat_interleave(counts, output_size=indices.numel())
             return rows, offsets, None
-        pos = torch.cat([torch.arange(int(bounds[f]), int(bounds[f + 1]), device=indices.device) for f in fs])
-        counts = torch.stack([bounds[f + 1] - bounds[f] for f in fs])
-        rows = indices[pos] + self.group_row_offsets[g].repeat_interleave(counts, output_size=pos.numel())
-        lengths = torch.cat([offsets[f * batch : (f + 1) * batch + 1].diff() for f in fs])
+        pos = (self.feature_group.index_select(0, feature) == g).nonzero().squeeze(1)  # ascending: feature-major
+        rows = indices.index_select(0, pos) + self.feature_row_offset.index_select(0, feature.index_select(0, pos))
+        lengths = offsets.diff().view(-1, batch).index_select(0, self.group_feature_index[g]).reshape(-1)
         return rows, torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]), pos
 
     @torch.no_grad()
@@ -168,12 +176,16 @@ class _Lookup(torch.autograd.Function):
     def forward(ctx, anchor, tables: BatchedTables, indices, offsets, per_sample_weights):
         n_features = len(tables.feature_table_map)
         batch = (offsets.numel() - 1) // n_features
-        blocks: list[torch.Tensor] = [None] * n_features  # type: ignore[list-item]
         ctx.tables, ctx.batch, ctx.saved = tables, batch, []
+        result = feature = None
+        if len(tables.dims) > 1:  # mixed dims: every group writes its features' columns
+            result = indices.new_empty((batch, sum(len(c) for c in tables.group_columns)), dtype=torch.float32)
+            counts = offsets[::batch].diff()  # [F]: ids per feature
+            feature = torch.arange(n_features, device=indices.device).repeat_interleave(counts, output_size=indices.numel())
         for g, fs in enumerate(tables.group_features):
             if not fs:
                 continue
-            rows, group_offsets, pos = tables._group_input(g, indices, offsets, batch)
+            rows, group_offsets, pos = tables._group_input(g, indices, offsets, batch, feature)
             scale = None if per_sample_weights is None else (
                 per_sample_weights if pos is None else per_sample_weights[pos]
             ).float()
@@ -195,23 +207,21 @@ class _Lookup(torch.autograd.Function):
                     include_last_offset=True,
                 ).view(len(fs), batch, -1).transpose(0, 1)  # [B, nf, dim]
             ctx.saved.append((g, unique, order, lengths, scale, one_hot))
-            if len(fs) == n_features:  # one dim group (the usual case)
+            if result is None:  # one dim group (the usual case)
                 return out.reshape(batch, -1)
-            for k, f in enumerate(fs):
-                blocks[f] = out[:, k]
-        return torch.cat(blocks, 1)
+            result.index_copy_(1, tables.group_columns[g], out.reshape(batch, -1))
+        return result
 
     @staticmethod
     def backward(ctx, grad_output):
         tables: BatchedTables = ctx.tables
         batch, grad_output = ctx.batch, grad_output.float()
-        starts = tables.feature_starts
         for g, unique, order, lengths, scale, one_hot in ctx.saved:
             fs, dim = tables.group_features[g], tables.dims[g]
             if len(fs) == len(tables.feature_table_map):
                 bag_grads = grad_output.reshape(batch, len(fs), dim)
             else:
-                bag_grads = torch.stack([grad_output[:, starts[f] : starts[f] + dim] for f in fs], 1)
+                bag_grads = grad_output.index_select(1, tables.group_columns[g]).view(batch, len(fs), dim)
             if one_hot:  # batch-major, as `order`; mean of one id = sum
                 id_grads = bag_grads.reshape(-1, dim)
             else:

@@ -19,6 +19,7 @@ of an id transform), mde (its blocks), cached (its cache).
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
@@ -56,18 +57,34 @@ INIT_CHUNK_ROWS = 1 << 20  # rows initialized per call, so a 10M-row init stays 
 
 
 def init_uniform_(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """Fill `weight` ([n, dim]) in place with U(-1/sqrt(rows), 1/sqrt(rows)), chunk by chunk.
+    """Fill `weight` ([n, dim]) in place with U(-1/sqrt(rows), 1/sqrt(rows)), chunk by chunk,
+    the chunks spread over `torch.get_num_threads()` threads.
 
     torchrec's default init for EmbeddingBagConfig (raw TBE starts at all zeros). `rows` is the
     table's row count (a cache holding some of a table's rows still uses the table's bound).
+    Chunk i draws from its own generator seeded with (one draw of the global generator) + i, so
+    the values depend on the seed (`torch.manual_seed`) and not on the thread count; CPU
+    `uniform_` is serial, and a Kaggle-size init (2.2 GB) took 2.4 s on one thread.
     """
     bound = 1.0 / math.sqrt(rows)
-    for start in range(0, weight.shape[0], INIT_CHUNK_ROWS):
-        chunk = weight[start : start + INIT_CHUNK_ROWS]
+    seed = int(torch.randint(0, 2**62, (1,)))  # from the seeded global generator: reproducible
+
+    def fill(i: int) -> None:
+        chunk = weight[i * INIT_CHUNK_ROWS : (i + 1) * INIT_CHUNK_ROWS]
+        gen = torch.Generator(device=chunk.device).manual_seed(seed + i)
         if chunk.dtype == torch.float32:
-            chunk.uniform_(-bound, bound)
+            chunk.uniform_(-bound, bound, generator=gen)
         else:  # fp16 rows: the fp32 draw rounded, so they start as a full table's rows rounded
-            chunk.copy_(torch.empty(chunk.shape).uniform_(-bound, bound))
+            chunk.copy_(torch.empty(chunk.shape, device=chunk.device).uniform_(-bound, bound, generator=gen))
+
+    chunks = range(-(-weight.shape[0] // INIT_CHUNK_ROWS))
+    threads = min(torch.get_num_threads(), len(chunks))
+    if threads <= 1 or weight.device.type != "cpu":
+        for i in chunks:
+            fill(i)
+    else:  # uniform_ releases the GIL: the chunks fill in parallel
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fill, chunks))
     return weight
 
 
