@@ -194,7 +194,7 @@ def test_grouped_chunks_with_overflow_equal_naive(chunk):
     levels = plan_levels(digits, parents, shape.core_shapes, shape.dim_factors, "grouped", chunk)
     if chunk is not None and chunk < 3:
         assert all(lv.extra is not None for lv in levels)  # the overflow path runs
-    fast = TTRows.apply(levels, shape, *params)
+    fast = TTRows.apply(levels, shape, None, *params)
     naive = tt_rows_naive(params, shape, uid)
     w = torch.randn(fast.shape, generator=gen, dtype=torch.float64)
     assert_close(fast, naive)
@@ -351,6 +351,30 @@ def test_optimizer_steps_only_touched_slices():
         if name == "sgd":  # plain SGD: exactly p - lr * grad
             for p, e in zip(emb.parameters(), expected):
                 torch.testing.assert_close(p.detach(), e)
+
+
+def test_fused_tables_cores_live_in_one_stacked_tensor_per_core():
+    """With one lookup for all tables, each table's core is a view of its rows in one stacked
+    tensor per core (no concatenation per step); the optimizer's steps land there; a core that
+    stopped aliasing (replaced `.data`) is stacked again, values kept."""
+    tables = [TableSpec("t_A", 1000, 16, ("A",)), TableSpec("t_B", 500, 16, ("B",))]
+    cfg = emb_cfg(rank=4, **{"emb.optimizer": "sgd", "emb.lr": 0.1})
+    emb = TTEmbeddings(tables, cfg, SPARSE_OPTIM, CPU)
+    features = kjt(["A", "B"], [[[123], [7]], [[456], [499]]])
+    emb(features).values().sum().backward()
+    stacked = emb.stacked_cores()
+    a0, b0 = emb.cores["t_A"][0], emb.cores["t_B"][0]
+    assert a0.data_ptr() == stacked[0].data_ptr()
+    assert b0.data_ptr() == stacked[0][a0.shape[0]:].data_ptr()
+    assert a0.grad.shape == a0.shape and b0.grad.shape == b0.shape
+    before = stacked[0].clone()
+    emb.optimizers()[0].step()
+    assert not torch.equal(stacked[0], before)  # stepped in place, through the views
+    values = b0.detach().clone()
+    b0.data = b0.detach().clone()  # no longer a view of stacked[0]
+    assert emb.stacked_cores()[0] is not stacked[0]
+    assert torch.equal(emb.cores["t_B"][0].detach(), values)
+    assert emb.cores["t_B"][0].data_ptr() == emb.stacked_cores()[0][a0.shape[0]:].data_ptr()
 
 
 def test_explicit_tables_list_and_bad_config():

@@ -112,12 +112,19 @@ def plan_levels(
 class TTRows(torch.autograd.Function):
     """Rows of distinct ids from cores; backward writes dense core-shaped gradients.
 
-    `apply(levels, shape, *cores)`: `levels` from `plan_levels`; `shape` gives `core_shapes[0]`
-    and `dim` (a TTShape, or the joint shape of stacked tables); returns `[n, dim]` rows in the
-    order of the last level's prefixes (the distinct ids, sorted)."""
+    `apply(levels, shape, stacked, *cores)`: `levels` from `plan_levels`; `shape` gives
+    `core_shapes[0]` and `dim` (a TTShape, or the joint shape of stacked tables); returns `[n, dim]`
+    rows in the order of the last level's prefixes (the distinct ids, sorted). `stacked=None`:
+    `cores` are the d cores the math runs on. Else `stacked` is those d cores (several tables'
+    cores stacked along the row-factor axis, not requiring grad) and `cores` are the tables'
+    own cores, table-major (table 0's d cores, then table 1's, ...), each the slice of `stacked`
+    it aliases (TTEmbeddings keeps them so): the math reads `stacked`, no copy, and each table's
+    gradient is its slice of the stacked gradient."""
 
     @staticmethod
-    def forward(ctx, levels: list[_Level], shape: TTShape, *cores):
+    def forward(ctx, levels: list[_Level], shape: TTShape, stacked, *params):
+        cores = params if stacked is None else stacked
+        ctx.param_rows = [p.shape[0] for p in params] if stacked is not None else None
         p0, _, q0, r1 = shape.core_shapes[0]
         # Every store ends with one zero row: the parent of the grouped buffer's empty slots.
         store = cores[0].reshape(p0, q0, r1)
@@ -151,12 +158,15 @@ class TTRows(torch.autograd.Function):
         else:
             rows = rows[:-1]
         ctx.levels, ctx.shape, ctx.saved = levels, shape, saved
-        ctx.save_for_backward(*cores)
+        if stacked is None:
+            ctx.save_for_backward(*cores)
+        else:  # read in backward before any optimizer step, like saved tensors
+            ctx.stacked = stacked
         return rows
 
     @staticmethod
     def backward(ctx, g_rows):
-        cores = ctx.saved_tensors
+        cores = ctx.saved_tensors if ctx.param_rows is None else ctx.stacked
         levels, shape, saved = ctx.levels, ctx.shape, ctx.saved
         grads: list[torch.Tensor] = [g_rows] * len(cores)
         g = g_rows  # gradient of the current store, row by row
@@ -196,7 +206,13 @@ class TTRows(torch.autograd.Function):
                 ga = torch.bmm(gy, b.transpose(1, 2)).reshape(n, Q * r)  # [n, Q r]
                 g = ga.new_zeros(prev_rows, Q * r).index_add_(0, lv.src, ga)
         grads[0] = g.reshape(cores[0].shape)
-        return (None, None, *grads)
+        if ctx.param_rows is None:
+            return (None, None, None, *grads)
+        # per table, its rows of each stacked core's gradient (views: no copy)
+        d = len(cores)
+        rows = ctx.param_rows
+        split = [grads[k].split(rows[k::d]) for k in range(d)]
+        return (None, None, None, *(split[k][t] for t in range(len(rows) // d) for k in range(d)))
 
 
 def _store(

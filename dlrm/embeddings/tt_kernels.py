@@ -273,6 +273,7 @@ def tt_rows_multi(
     table: torch.Tensor | None,
     local: torch.Tensor,
     method: str = "auto",
+    stacked: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Rows `[n, dim]` of the distinct `(table[i], local[i])` pairs, sorted by table then id, in
     range, from several tables in ONE lookup (differentiable in every table's cores).
@@ -280,6 +281,8 @@ def tt_rows_multi(
     The tables must share cores, dim factors and ranks (row factors may differ): their cores are
     stacked along the row-factor axis and the plan, GEMMs and scatters run once for all of them
     instead of ~40 small ops per table. `table=None`: every id is in `shapes[0]`'s table.
+    `stacked`: the tables' cores already stacked, each table's core a view of its rows there
+    (TTEmbeddings keeps them so); without it they are concatenated here, a copy per call.
 
     Raises:
         ValueError: the shapes differ in cores, dim factors or ranks.
@@ -291,13 +294,15 @@ def tt_rows_multi(
         return cores[0][0].new_zeros(0, first.dim)
     digits, parents = _prefixes(shapes, table, local)
     if len(shapes) == 1:
-        joint, joint_cores = first, cores[0]
-    else:
-        stacked = tuple(sum(s.row_factors[k] for s in shapes) for k in range(first.cores))
-        joint = TTShape(sum(s.padded_rows for s in shapes), stacked, first.dim_factors, first.ranks)
-        joint_cores = [torch.cat([c[k] for c in cores]) for k in range(first.cores)]
+        levels = plan_levels(digits, parents, first.core_shapes, first.dim_factors, method)
+        return TTRows.apply(levels, first, None, *cores[0])
+    factors = tuple(sum(s.row_factors[k] for s in shapes) for k in range(first.cores))
+    joint = TTShape(sum(s.padded_rows for s in shapes), factors, first.dim_factors, first.ranks)
     levels = plan_levels(digits, parents, joint.core_shapes, joint.dim_factors, method)
-    return TTRows.apply(levels, joint, *joint_cores)
+    if stacked is None:
+        joint_cores = [torch.cat([c[k] for c in cores]) for k in range(first.cores)]
+        return TTRows.apply(levels, joint, None, *joint_cores)
+    return TTRows.apply(levels, joint, list(stacked), *(c for table in cores for c in table))
 
 
 def tt_rows(
