@@ -28,6 +28,11 @@ RESULTS_FILE = "results.json"
 OUR_LOGGERS = ("dlrm", "__main__")
 
 
+# `log.error(..., extra=FILE_ONLY)`: into the run's log file, not the console (for a message the
+# console gets in another form, e.g. the one-line `error:` on stderr).
+FILE_ONLY = {"console": False}
+
+
 def route_library_logs() -> None:
     """Console: our log lines, and other libraries' only at ERROR and above; the run's log file
     (Hydra's `<run dir>/<job>.log`) keeps everything. fbgemm logs its TBE arguments and feature
@@ -36,6 +41,8 @@ def route_library_logs() -> None:
     Call after Hydra configured logging (inside the task function)."""
 
     def ours(record: logging.LogRecord) -> bool:
+        if not getattr(record, "console", True):  # FILE_ONLY: the console already has it
+            return False
         return record.name.startswith(OUR_LOGGERS) or record.levelno >= logging.ERROR
 
     root = logging.getLogger()

@@ -39,7 +39,7 @@ from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.embeddings.budget import BudgetUnreachable
 from dlrm.io import atomic_write_text
 from dlrm.model import resolve_precision
-from dlrm.telemetry import RESULTS_FILE, route_library_logs
+from dlrm.telemetry import FILE_ONLY, RESULTS_FILE, route_library_logs
 from dlrm.trainer import Interrupted, Trainer
 
 log = logging.getLogger("dlrm")
@@ -313,7 +313,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         # bad input and a full or unwritable disk (OSError) get one line; anything else is a bug
         if not isinstance(e, (ConfigError, OSError, ValueError, FloatingPointError)):
             raise  # a bug: keep the traceback
-        log.error("%s", e)
+        log.error("%s", e, extra=FILE_ONLY)  # the console gets it once, on stderr:
         print(f"error: {e}", file=sys.stderr)  # one clear line for bad input
         sys.exit(2)
     if results.get("unreachable"):

@@ -136,12 +136,16 @@ def zipf_counts(tmp_path, tables):
     return str(tmp_path)
 
 
-def test_hybrid_global_allocation_fits_with_one_count_threshold(tmp_path):
+def test_hybrid_global_allocation_fits_with_one_count_threshold(tmp_path, caplog):
     counts = zipf_counts(tmp_path, CAPPED)
     full = sum(t.full_bytes() for t in CAPPED)
     for budget in (10, 100, 1000):
-        p = plan(CAPPED, "hybrid", budget, allocation="global", hot_share=0.9, counts=counts, min_rows=10000)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dlrm.embeddings.budget"):
+            p = plan(CAPPED, "hybrid", budget, allocation="global", hot_share=0.9, counts=counts, min_rows=10000)
         assert budget * (1 - TOLERANCE) <= p.ratio <= budget * (1 + TOLERANCE), (budget, p.ratio)
+        # the log counts the tables really compressed (those with a knob), not those considered
+        assert f"compresses {len(p.tables)} tables ({len(CAPPED) - len(p.tables)} stay full)" in caplog.text
         emb = build_embeddings(CAPPED, p.cfg, ADAGRAD, CPU)
         assert emb.embedding_bytes() == p.planned_bytes and full / emb.embedding_bytes() == pytest.approx(p.ratio)
         # One threshold over all tables: every compressed table's least counted hot id is counted

@@ -108,6 +108,10 @@ def test_cli_bad_value_exits_with_one_line(tmp_path):
     proc = _cli("trainer.batch_size=0", cwd=tmp_path)
     assert proc.returncode == 2
     assert "error: trainer.batch_size=0 must be >= 1" in proc.stderr
+    # once on the console (stderr); the run's log file keeps it too
+    assert proc.stderr.count("must be >= 1") == 1 and "must be >= 1" not in proc.stdout
+    (log_file,) = tmp_path.glob("outputs/*/*/train.log")
+    assert "trainer.batch_size=0 must be >= 1" in log_file.read_text()
 
 
 def test_cli_run_and_multirun(data_root, tiny_dataset, tmp_path):

@@ -155,8 +155,9 @@ def plan_budget(
     if full / total(chosen, c) > budget * (1 + TOLERANCE):
         log.warning("emb.budget=%g: emb=%s overshoots to %.3gx (its settings are too coarse to fill the budget)",
                     budget, name, full / total(chosen, c))
-    log.info("emb.budget=%g: emb=%s compresses %d tables at c=%.4g, planned %.4gx",
-             budget, name, len(chosen), c, full / total(chosen, c))
+    # (a table whose knob came out None, e.g. every id hot under global allocation, stays full)
+    log.info("emb.budget=%g: emb=%s compresses %d tables (%d stay full) at c=%.4g, planned %.4gx",
+             budget, name, len(knobs), len(tables) - len(knobs), c, full / total(chosen, c))
     used = total(chosen, c)
     if not knobs:  # the budget fits with every table full
         return Plan(_with(cfg, tables=[], min_rows=NOTHING), [], used, full / used)
