@@ -210,6 +210,19 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
         )
 
 
+def check_table_kernel(saved: str | None, current: str, path: Path) -> None:
+    """One clear error when the checkpoint's tables were written by another table kernel than
+    the one this run resolved (`optim.sparse.kernel=auto` is ours on CPU and fbgemm's on CUDA, so
+    the same setting may differ between machines): their state layouts differ. Checkpoints from
+    before this was recorded (None) are left to `check_config`."""
+    if saved is not None and saved != current:
+        raise ValueError(
+            f"{path}: its tables were written by the {saved} table kernel, this run resolved "
+            f"optim.sparse.kernel to {current} (auto differs between CPU and CUDA); resume with "
+            f"optim.sparse.kernel={saved}"
+        )
+
+
 def rng_state() -> dict:
     """torch, numpy and Python RNG states as tensors and plain data (weights-only loadable)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -42,6 +42,7 @@ from dlrm import compile as compile_step
 from dlrm.data.loader import ParquetLoader
 from dlrm.malloc import keep_freed_memory
 from dlrm.embeddings.base import EmbeddingBackend
+from dlrm.embeddings.tables import table_kernel
 from dlrm.metrics import EvalMetrics
 from dlrm.model import DLRM
 from dlrm.telemetry import Telemetry
@@ -153,6 +154,7 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.tele = telemetry
         self.device = device
+        self.table_kernel = table_kernel(cfg.optim.sparse, device)  # whose layout checkpoints hold
         self.dense_params = model.dense_parameters()
         self.optimizers = [dense_optimizer(self.dense_params, cfg.optim.dense)]
         self.optimizers += model.sparse_arch.optimizers()
@@ -278,6 +280,7 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "config": self.run_config,
             "dataset": checkpoint.dataset_identity(self.train_data.meta),
+            "table_kernel": self.table_kernel,
         }
         directory = directory or self.checkpoint_dir
         path = checkpoint.save(directory, s.step, payload)
@@ -293,6 +296,7 @@ class Trainer:
         path = checkpoint.find(source, backend.committed_step())
         ckpt = checkpoint.load(path)
         checkpoint.check_config(ckpt["config"], self.run_config, path)
+        checkpoint.check_table_kernel(ckpt.get("table_kernel"), self.table_kernel, path)
         checkpoint.check_dataset(
             ckpt.get("dataset"), checkpoint.dataset_identity(self.train_data.meta), path, self.train_data.path
         )

@@ -116,6 +116,22 @@ def test_a_checkpoint_from_before_the_table_kernel_choice_names_the_kernel_to_re
         check_config(old, now, tmp_path / "step-3.pt")  # another lr: no kernel hint
 
 
+def test_a_checkpoint_resumed_where_auto_picks_another_table_kernel_names_the_kernel(
+    compose_cfg, tiny_dataset, tmp_path, monkeypatch
+):
+    """optim.sparse.kernel=auto is ours on CPU and fbgemm's on CUDA: a CPU checkpoint resumed on
+    CUDA has the same config but another table layout. The checkpoint records the kernel that
+    ran; the resume names the setting to use (simulated here by auto resolving to fbgemm)."""
+    run(compose_cfg("trainer.max_steps=3", "trainer.checkpoint_every=3"), tmp_path / "first")
+    state = torch.load(checkpoint_files(tmp_path / "first" / CHECKPOINT_DIR)[3], weights_only=True)
+    assert state["table_kernel"] == "torch"
+    import dlrm.trainer
+
+    monkeypatch.setattr(dlrm.trainer, "table_kernel", lambda optim, device: "fbgemm")
+    with pytest.raises(ValueError, match=r"written by the torch table kernel.*optim.sparse.kernel=torch"):
+        run(compose_cfg("trainer.max_steps=6", f"trainer.resume={tmp_path / 'first'}"), tmp_path / "again")
+
+
 def test_a_checkpoint_during_warm_up_is_not_subtracted_from_the_timed_window(
     compose_cfg, tiny_dataset, tmp_path, monkeypatch
 ):
