@@ -16,6 +16,7 @@ import os
 import random
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -376,11 +377,15 @@ def exit_without_teardown() -> None:
 
     With torch, torchrec, fbgemm and dynamo loaded, Python's module teardown took 1-2 s after the
     last line of a run (`python -c "import dlrm.train"` exits in 1.1-2.0 s, in 0.06 s this way):
-    a second of every run and every sweep job. The atexit handlers still run first (logging's
-    flush, cached tables' write-back, multiprocessing's reaping of loader workers), then stdio is
-    flushed and the process ends with status 0.
+    a second of every run and every sweep job. Everything a normal exit does before that teardown
+    still runs, in its order: threading's exit hooks and the join of non-daemon threads (e.g.
+    joblib's executor telling its sweep workers to stop: without it the multirun waited for
+    them forever), then the atexit handlers (logging's flush, cached tables' write-back,
+    multiprocessing's reaping of child processes); then stdio is flushed and the process ends
+    with status 0.
     """
-    atexit._run_exitfuncs()  # the registered handlers, in order (what normal exit runs first)
+    threading._shutdown()  # what Python's exit runs first (private, in every CPython 3)
+    atexit._run_exitfuncs()  # then the registered handlers, in order
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -122,8 +122,10 @@ def test_cli_run_and_multirun(data_root, tiny_dataset, tmp_path):
     assert (tmp_path / "run" / "results.json").is_file()
     assert (tmp_path / "run" / ".hydra" / "overrides.yaml").is_file()
     proc = _cli(
-        "-m", *tiny_overrides(data_root), "trainer.max_steps=3", "seed=1,2",
-        f"hydra.sweep.dir={tmp_path}/sweep", cwd=ROOT,
+        # the joblib launcher the docs recommend: two worker processes, which the sweep's own
+        # process must stop before it exits (it once waited for them forever: exit_without_teardown)
+        "-m", *tiny_overrides(data_root), "trainer.max_steps=3", "seed=1,2", "hydra/launcher=local",
+        "trainer.threads=1", f"hydra.sweep.dir={tmp_path}/sweep", cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     aucs = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text())["auc"] for i in (0, 1)]
@@ -157,11 +159,14 @@ def test_exit_without_teardown_runs_exit_handlers_and_flushes_output(tmp_path):
     """`python -m dlrm.train` ends with os._exit to skip Python's slow module teardown: the
     atexit handlers (the cache's write-back, logging) must still run, and buffered output must
     not be lost."""
-    marker = tmp_path / "handler-ran"
+    marker, hook, worker = tmp_path / "handler-ran", tmp_path / "threading-hook-ran", tmp_path / "thread-done"
     script = (
-        "import atexit, sys\n"
+        "import atexit, sys, threading, time\n"
         "from dlrm.train import exit_without_teardown\n"
         f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ok'))\n"
+        # executors (joblib's sweep workers) stop through threading's hooks, before atexit's
+        f"threading._register_atexit(lambda: open({str(hook)!r}, 'w').write('ok'))\n"
+        f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(worker)!r}, 'w').write('ok'))).start()\n"
         "sys.stdout.write('buffered line')\n"
         "exit_without_teardown()\n"
         "print('not reached')\n"
@@ -169,4 +174,4 @@ def test_exit_without_teardown_runs_exit_handlers_and_flushes_output(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "buffered line"
-    assert marker.read_text() == "ok"
+    assert marker.read_text() == "ok" and hook.read_text() == "ok" and worker.read_text() == "ok"
