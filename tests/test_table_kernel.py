@@ -67,6 +67,28 @@ def test_lookups_and_updates_match_fbgemm(name, pooling, precision, one_hot):
     assert tbe_bytes(pair["torch"]) == tbe_bytes(pair["fbgemm"])
 
 
+@pytest.mark.parametrize("one_hot", [False, True], ids=["multi_hot", "one_hot"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_lookups_without_autograd_gather_directly_and_give_the_same_bags(pooling, precision, one_hot):
+    """Evaluation (no_grad) gathers every id's row instead of the distinct rows: same bags, bit
+    for bit, with mixed dims, shared tables and per-sample weights; nothing is updated."""
+    torch.manual_seed(0)
+    tables = fused_tables(TABLES, optim("rowwise_adagrad", "torch"), pooling, CPU, precision)
+    before = [w.clone() for w in tables.split_embedding_weights()]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        values, offsets, _ = random_batch(g, one_hot=one_hot)
+        weights = torch.rand(values.numel(), generator=g) if pooling == "sum" else None
+        with torch.no_grad():
+            direct = tables(values, offsets, weights)
+        with torch.enable_grad():
+            training = tables(values, offsets, weights)  # the distinct-rows path (not stepped)
+        assert training.requires_grad and not direct.requires_grad
+        assert torch.equal(direct, training.detach())
+    assert all(torch.equal(a, b) for a, b in zip(before, tables.split_embedding_weights()))
+
+
 def test_only_the_looked_up_rows_change_and_duplicates_are_summed_once():
     """Row-wise Adagrad by hand: row 3 looked up twice gets one update with the summed gradient."""
     tables = fused_tables([TableSpec("t", 10, 2, ("x",))], optim("rowwise_adagrad", "torch"), "sum", CPU)
