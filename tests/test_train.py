@@ -175,3 +175,14 @@ def test_exit_without_teardown_runs_exit_handlers_and_flushes_output(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "buffered line"
     assert marker.read_text() == "ok" and hook.read_text() == "ok" and worker.read_text() == "ok"
+
+
+def test_startup_bench_reads_each_phase_of_a_run(data_root, tiny_dataset):
+    """scripts/bench_startup.py: launch to training, training and eval, exit; they add up."""
+    from dlrm.bench.startup import main as bench_startup
+
+    overrides = [o for o in tiny_overrides(data_root) if not o.startswith("trainer.max_steps")]
+    result = bench_startup(["--steps", "3", "--runs", "1", *overrides])["this"]
+    phases = result["start_s"] + result["train_eval_s"] + result["exit_s"]
+    assert all(result[k] > 0 for k in ("start_s", "train_eval_s", "exit_s"))
+    assert abs(phases - result["wall_s"]) < 0.05 and len(result["runs"]) == 1
