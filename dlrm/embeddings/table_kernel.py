@@ -172,7 +172,9 @@ class _Lookup(torch.autograd.Function):
     one-hot features) the output is gathered batch-major directly, and backward sums the
     gradient `[B, F * dim]` into the distinct rows without a transpose. Backward: each id's
     gradient (its bag's, scaled for mean pooling and per-sample weights) summed per distinct
-    row, then `BatchedTables._update`; no gradient flows anywhere else."""
+    row, then `BatchedTables._update`; no gradient flows anywhere else. Called without autograd
+    (`train=False`: evaluation), forward gathers every id's row directly and saves nothing: the
+    same bags without the sort that only the update needs."""
 
     @staticmethod
     def forward(ctx, anchor, tables: BatchedTables, indices, offsets, per_sample_weights, train: bool):
