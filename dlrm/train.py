@@ -66,6 +66,41 @@ def set_threads(requested: int) -> int:
     return threads
 
 
+def busy_cores(interval: float = 0.1) -> float | None:
+    """Cores other processes keep busy right now: /proc/stat's busy share over `interval` seconds
+    (this process sleeps meanwhile), times the machine's cores. None where /proc/stat is absent."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        return sum(ticks) - idle, sum(ticks)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(interval)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+
+
+def warn_if_cores_busy(threads: int) -> bool:
+    """With `trainer.threads=0` (every core), warn when other processes already keep a core
+    busy: OpenMP threads then wait for the one that is not scheduled. A new-user trial beside
+    another job measured 730-1083 ms steps with 2 threads against 67 ms with
+    `trainer.threads=1`. True if it warned."""
+    busy = busy_cores() if threads >= 2 else None
+    if busy is None or busy < 0.5:
+        return False
+    free = max(1, threads - round(busy))
+    log.warning(
+        "other processes keep %.1f of the %d cores busy: trainer.threads=%d can be many times "
+        "faster than %d threads while they run", busy, os.cpu_count() or threads, free, threads,
+    )
+    return True
+
+
 def dataset_path(data: DictConfig) -> Path:
     """The parquet dataset directory: generated (synthetic) or given (data.path)."""
     if data.name == "synthetic":
@@ -117,6 +152,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     # torchrun: join the process group; this rank's device; rank 0's out_dir (docs/distributed.md)
     env, device, out_dir = dist_run.prepare(cfg, device, out_dir)
     threads = set_threads(cfg.trainer.threads)
+    if cfg.trainer.threads == 0 and not env.distributed:
+        warn_if_cores_busy(threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -166,8 +203,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.text("embeddings", embeddings.describe())
     log.info("embeddings:\n%s", embeddings.describe())
     log.info(
-        "device %s, %d threads, precision %s, table kernel %s (optim.sparse.kernel=%s), data %s",
-        device, threads, precision,
+        "device %s, %d thread%s, precision %s, table kernel %s (optim.sparse.kernel=%s), data %s",
+        device, threads, "" if threads == 1 else "s", precision,
         # under torchrun, sharded tables run in torchrec's fbgemm collection whatever the kernel
         "fbgemm (torchrec, sharded)" if env.distributed else table_kernel(cfg.optim.sparse, device),
         cfg.optim.sparse.get("kernel", "auto"), path,
@@ -179,6 +216,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     trainer = trainer_cls(cfg, model, train_data, eval_data, tele, device, out_dir / checkpoint.CHECKPOINT_DIR)
     if resume:
         trainer.resume(resume)
+    start_step = trainer.state.step  # > 0 when resumed
     metrics = trainer.fit()
     embeddings.flush(step=trainer.state.step)  # cached tables: write every cached row back to its store
 
@@ -191,6 +229,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "model": cfg.model.name,
         **metrics,
         "steps": state.step,
+        **({"resumed_from_step": start_step} if resume else {}),
         "samples": state.samples,
         **trainer.timing(),
         "embedding_bytes": emb_bytes,
@@ -246,11 +285,14 @@ def summary(results: dict, out_dir: Path) -> str:
     ]
     if "teacher_auc" in results:
         lines[0] += f"   (teacher ceiling: AUC {results['teacher_auc']:.4f}, logloss {results['teacher_logloss']:.4f})"
+    steps = f"{results['steps']} steps"
+    if "resumed_from_step" in results:  # this process trained only the steps after the checkpoint
+        steps = f"steps {results['resumed_from_step'] + 1}-{results['steps']} (resumed at {results['resumed_from_step']})"
     lines += [
         f"embeddings {mb:,.1f} MB, compression {results['compression_ratio']:.1f}x "
         "(vs fp32 tables + row-wise Adagrad state)",
         f"{results['samples_per_s']:,.0f} samples/s, median step {results['step_time_ms']:.1f} ms, "
-        f"{results['steps']} steps in {results['wall_s']:.0f} s",
+        f"{steps} in {results['wall_s']:.0f} s",
         f"results: {out_dir / 'results.json'}",
         f"TensorBoard: tensorboard --logdir {out_dir}",
     ]

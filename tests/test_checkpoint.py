@@ -39,7 +39,7 @@ def test_resumed_run_equals_uninterrupted_run(backend, compose_cfg, tiny_dataset
         compose_cfg(*extra, "trainer.max_steps=16", f"trainer.resume={tmp_path / 'first'}"),
         tmp_path / "resumed",
     )
-    assert resumed["steps"] == 16
+    assert resumed["steps"] == 16 and resumed["resumed_from_step"] == 8 and "resumed_from_step" not in straight
     assert _metrics(resumed) == pytest.approx(_metrics(straight), abs=1e-6)
     # Host caching is exact whatever it holds, so the cache's own state shows in its stats only.
     stats = sorted(k for k in straight if k.startswith("cache_"))

@@ -27,7 +27,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def markdown(groups: pd.DataFrame, failed: list[Run], optuna: list[dict], n_runs: int) -> str:
-    out = [f"# Sweep report: {len(groups)} groups from {n_runs} runs ({len(failed)} failed or unfinished)", ""]
+    out = [f"# Sweep report: {_count(len(groups), 'group')} from {_count(n_runs, 'run')} "
+           f"({len(failed)} failed or unfinished)", ""]
     if len(groups):
         header = ["backend", "knobs", "emb MiB", "compression x", "AUC mean ± std (n)", "logloss",
                   "ΔAUC vs full", "noise", "step ms", "samples/s", "peak RSS MiB"]
@@ -134,3 +135,6 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _count(n: int, noun: str) -> str:
+    """`1 group`, `2 groups`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
