@@ -216,3 +216,26 @@ def test_summary_of_a_resumed_run_names_the_steps_it_trained(tmp_path):
     assert "60 steps in 13 s" in summary(results, tmp_path)
     text = summary({**results, "resumed_from_step": 40}, tmp_path)
     assert "1,000 samples/s, median step 10.0 ms, steps 41-60 (resumed at 40) in 13 s" in text
+
+
+def test_a_misspelled_key_is_one_line_naming_the_closest_setting(tmp_path):
+    """`trainer.max_stepz=50` (no +) is a typo, not a new key: one line before Hydra's 6, with the
+    key it was probably meant to be; known keys, keys inside open options and + overrides pass."""
+    from dlrm.train import check_override_keys, known_keys
+
+    keys = known_keys()
+    assert {"trainer.max_steps", "emb.rank", "optim.sparse.kernel", "data.eval_rows"} <= keys
+    for fine in (["trainer.max_steps=5", "emb=tt", "rank=8"], ["emb.shapes.C3.rows=[1,2]"],
+                 ["data.multi_hot.C1=3"], ["+trainer.foo=1"], ["hydra.run.dir=x"], ["emb.tt.rank=4"],
+                 ["-m", "optim.dense.lr=0.1,0.2"]):
+        assert check_override_keys(fine, keys) is None, fine
+    assert check_override_keys(["optim.sparse.kernal=torch"], keys) == (
+        "error: optim.sparse.kernal is not a setting (did you mean optim.sparse.kernel? "
+        "a new key needs a +: +optim.sparse.kernal=torch)"
+    )
+    proc = _cli("trainer.max_stepz=50", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: trainer.max_stepz is not a setting (did you mean trainer.max_steps? a new key needs a +: "
+        "+trainer.max_stepz=50)"
+    ]
