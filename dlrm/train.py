@@ -23,7 +23,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -41,7 +40,9 @@ from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.embeddings.budget import BudgetUnreachable
 from dlrm.io import atomic_write_text
 from dlrm.model import resolve_precision
+from dlrm.overrides import check_override_keys, check_overrides
 from dlrm.telemetry import FILE_ONLY, RESULTS_FILE, route_library_logs
+from dlrm.threads import warn_if_cores_busy
 from dlrm.trainer import Interrupted, Trainer
 
 log = logging.getLogger("dlrm")
@@ -65,41 +66,6 @@ def set_threads(requested: int) -> int:
     threads = requested or max(1, len(os.sched_getaffinity(0)) // local_processes)
     torch.set_num_threads(threads)
     return threads
-
-
-def busy_cores(interval: float = 0.1) -> float | None:
-    """Cores other processes keep busy right now: /proc/stat's busy share over `interval` seconds
-    (this process sleeps meanwhile), times the machine's cores. None where /proc/stat is absent."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-        return sum(ticks) - idle, sum(ticks)
-
-    try:
-        busy0, total0 = sample()
-        time.sleep(interval)
-        busy1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
-
-
-def warn_if_cores_busy(threads: int) -> bool:
-    """With `trainer.threads=0` (every core), warn when other processes already keep a core
-    busy: OpenMP threads then wait for the one that is not scheduled. A new-user trial beside
-    another job measured 730-1083 ms steps with 2 threads against 67 ms with
-    `trainer.threads=1`. True if it warned."""
-    busy = busy_cores() if threads >= 2 else None
-    if busy is None or busy < 0.5:
-        return False
-    free = max(1, threads - round(busy))
-    log.warning(
-        "other processes keep %.1f of the %d cores busy: trainer.threads=%d can be many times "
-        "faster than %d threads while they run", busy, os.cpu_count() or threads, free, threads,
-    )
-    return True
 
 
 def dataset_path(data: DictConfig) -> Path:
@@ -380,90 +346,6 @@ def sweep_metric(results: dict, metric) -> float | tuple[float, ...]:
             f"trainer.metric {undefined} undefined (null in results.json): the eval split has one class"
         )
     return values[0] if isinstance(metric, str) else values
-
-
-def check_overrides(argv: list[str]) -> str | None:
-    """The one-line error for the first command-line override Hydra's lexer cannot read (its own
-    message names no key), with the same override quoted; None when all parse."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parser = OverridesParser.create()
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue  # flags (-m, --cfg job) and their values
-        try:
-            parser.parse_override(arg)
-        except HydraException as e:  # (the lexer raises it, not OverrideParseException)
-            key, _, value = arg.partition("=")
-            inner = f'"{value}"' if '"' not in value else "'" + value.replace("'", "\\'") + "'"
-            reason = " ".join(str(e).split("See https")[0].split())
-            return (
-                f"error: cannot read the override {arg!r} ({reason}): a value with "
-                f"= # ' [ ] {{ }} , or spaces must be quoted for Hydra, e.g. {shlex.quote(f'{key}={inner}')}"
-            )
-    return None
-
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-CHECKED_SECTIONS = ("trainer", "data", "emb", "model", "optim")  # where a typo'd key is common
-
-
-def known_keys(conf_dir: Path = CONF_DIR) -> set[str]:
-    """Every dotted key any config file under `conf_dir` can set: config.yaml's, each group
-    file's under its group (data/*.yaml -> data.*), `# @package _global_` files' from the root;
-    hydra's own settings are left out. A union over every choice (emb=tt's keys and emb=full's)."""
-    keys: set[str] = set()
-
-    def add(node, prefix: str) -> None:
-        for k, v in node.items():
-            if k in ("defaults", "hydra"):
-                continue
-            keys.add(prefix + str(k))
-            if isinstance(v, dict):
-                add(v, f"{prefix}{k}.")
-
-    for path in sorted(conf_dir.rglob("*.yaml")):
-        rel = path.relative_to(conf_dir)
-        if rel.parts[0] == "hydra":
-            continue
-        text = path.read_text()
-        node = yaml.safe_load(text) or {}  # plain YAML: 4x faster than OmegaConf for ~60 files
-        glob_pkg = path.name == "config.yaml" and len(rel.parts) == 1 or "@package _global_" in text.split("\n", 1)[0]
-        add(node, "" if glob_pkg else f"{rel.parts[0]}.")
-    return keys
-
-
-def check_override_keys(argv: list[str], keys: set[str] | None = None) -> str | None:
-    """The one-line error for an override of a trainer/data/emb/model/optim key that no config
-    file has (a typo: Hydra's own message is 6 lines and suggests adding it with `+`), naming the
-    closest key; None when all are known. Keys inside a known option (`emb.shapes.C3...`) and
-    `+`/`++`/`~` overrides are left to Hydra and `validate`."""
-    import difflib
-
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if not eq or key.startswith(("+", "~", "-")) or "." not in key or "/" in key:
-            continue
-        parts = key.split(".")
-        if parts[0] not in CHECKED_SECTIONS:
-            continue
-        keys = known_keys() if keys is None else keys  # read only when an override needs it (45 ms)
-        if key in keys:
-            continue
-        # inside an open option (null or {} in the files: emb.shapes, data.multi_hot): Hydra's call
-        if any(_is_open(".".join(parts[:n]), keys) for n in range(2, len(parts))):
-            continue
-        section = [k for k in keys if k.startswith(parts[0] + ".")]
-        close = difflib.get_close_matches(key, section, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        return f"error: {key} is not a setting ({hint}a new key needs a +: +{arg})"
-    return None
-
-
-def _is_open(key: str, keys: set[str]) -> bool:
-    """A known key with no known keys under it (its default is null or {})."""
-    return key in keys and not any(k.startswith(key + ".") for k in keys)
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ from dlrm import checkpoint
 from dlrm.checkpoint import CHECKPOINT_DIR, checkpoint_files
 from dlrm.data.schema import DatasetMeta
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
-from dlrm.train import UndefinedMetric, check_overrides, run, sweep_metric
+from dlrm.overrides import check_overrides
+from dlrm.train import UndefinedMetric, run, sweep_metric
 from dlrm.trainer import Interrupted, StopOnSignal, Trainer
 
 from conftest import CONF_DIR, TINY, tiny_overrides

@@ -193,7 +193,7 @@ def test_busy_cores_warning_names_the_thread_count_to_use(monkeypatch, caplog):
     setting (a trial measured 730-1083 ms steps with 2 threads there, 67 ms with 1)."""
     import os
 
-    import dlrm.train as train
+    import dlrm.threads as train
 
     busy = train.busy_cores(0.05)
     assert busy is None or 0 <= busy <= (os.cpu_count() or 1) + 0.01
@@ -221,7 +221,7 @@ def test_summary_of_a_resumed_run_names_the_steps_it_trained(tmp_path):
 def test_a_misspelled_key_is_one_line_naming_the_closest_setting(tmp_path):
     """`trainer.max_stepz=50` (no +) is a typo, not a new key: one line before Hydra's 6, with the
     key it was probably meant to be; known keys, keys inside open options and + overrides pass."""
-    from dlrm.train import check_override_keys, known_keys
+    from dlrm.overrides import check_override_keys, known_keys
 
     keys = known_keys()
     assert {"trainer.max_steps", "emb.rank", "optim.sparse.kernel", "data.eval_rows"} <= keys
