@@ -254,7 +254,8 @@ def summary(results: dict, out_dir: Path) -> str:
         lines[0] += f"   (teacher ceiling: AUC {results['teacher_auc']:.4f}, logloss {results['teacher_logloss']:.4f})"
     steps = f"{results['steps']} steps"
     if "resumed_from_step" in results:  # this process trained only the steps after the checkpoint
-        steps = f"steps {results['resumed_from_step'] + 1}-{results['steps']} (resumed at {results['resumed_from_step']})"
+        start = results["resumed_from_step"]
+        steps = f"steps {start + 1}-{results['steps']} (resumed at {start})"
     lines += [
         f"embeddings {mb:,.1f} MB, compression {results['compression_ratio']:.1f}x "
         "(vs fp32 tables + row-wise Adagrad state)",
