@@ -34,3 +34,51 @@ def test_dlrm_malloc_glibc_leaves_the_defaults():
     env = {**__import__("os").environ, "DLRM_MALLOC": "glibc"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False"
+
+
+HUGE = """
+import torch
+from dlrm.malloc import advise_huge_pages, huge_pages_available
+from dlrm.embeddings.table_kernel import BatchedTables
+
+def anon_huge_kib():
+    return next(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages"))
+
+before = anon_huge_kib()
+tables = BatchedTables([(1 << 20, 16)], [0], "rowwise_adagrad", 0.1)  # 64 MiB of rows, 4 MiB of state
+print(huge_pages_available(), anon_huge_kib() - before, float(tables.weights_0.abs().sum()), float(tables.momentum1_0.sum()))
+buffer = torch.empty(5 << 20, dtype=torch.uint8)  # 5 MiB: one or two whole 2 MiB pages inside
+print(advise_huge_pages(buffer.data_ptr(), 4096), advise_huge_pages(buffer.data_ptr(), buffer.nbytes))
+"""
+
+
+def _huge(env_value):
+    import os
+
+    env = {**os.environ, "DLRM_HUGE_PAGES": env_value}
+    out = subprocess.run([sys.executable, "-c", HUGE], capture_output=True, text=True, check=True, env=env).stdout
+    (available, gained, weights, states), (small, aligned) = (line.split() for line in out.splitlines())
+    return available == "True", int(gained), float(weights), float(states), int(small), int(aligned)
+
+
+def test_table_rows_sit_on_huge_pages_where_linux_gives_them():
+    import pytest
+
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this system")
+    available, gained, weights, states, small, aligned = _huge("on")
+    assert (weights, states) == (0.0, 0.0)  # still zeros
+    assert small == 0  # less than one whole huge page: nothing advised
+    if "[never]" in mode:
+        assert not available and gained == 0
+    else:
+        assert available and aligned in (2 << 20, 4 << 20)
+        assert gained >= 32 * 1024  # at least half of the 64 MiB table on 2 MiB pages
+
+
+def test_dlrm_huge_pages_off_leaves_4k_pages():
+    available, gained, weights, _, _, aligned = _huge("off")
+    assert not available and aligned == 0 and weights == 0.0
+    assert gained < 8 * 1024  # only what the rest of the process happened to get

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlrm.malloc import advise_huge_pages
+
 OPTIMIZERS = ("sgd", "rowwise_adagrad", "adagrad")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -72,10 +74,10 @@ class BatchedTables(nn.Module):
             self.placement.append((g, group_rows[g]))
             group_rows[g] += rows
         for g, (dim, rows) in enumerate(zip(self.dims, group_rows)):
-            self.register_buffer(f"weights_{g}", torch.zeros(rows, dim, dtype=DTYPES[precision], device=device))
+            self.register_buffer(f"weights_{g}", _zeros((rows, dim), DTYPES[precision], device))
             if optimizer != "sgd":
                 shape = (rows,) if optimizer == "rowwise_adagrad" else (rows, dim)
-                self.register_buffer(f"momentum1_{g}", torch.zeros(shape, device=device))
+                self.register_buffer(f"momentum1_{g}", _zeros(shape, torch.float32, device))
         # Per group: its features (in order) and the row offset of each one's table.
         self.group_features: list[list[int]] = [[] for _ in self.dims]
         for f, t in enumerate(self.feature_table_map):
@@ -163,6 +165,16 @@ class BatchedTables(nn.Module):
             weights.index_add_(0, unique, delta.to(weights.dtype))  # fp16: w + fp16(delta), as fbgemm
         else:  # fbgemm's row-wise Adagrad adds in fp32 and rounds once: fp16(w + delta)
             weights.index_copy_(0, unique, weights.index_select(0, unique).float().add_(delta).to(weights.dtype))
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros of `shape`; on CPU backed by transparent huge pages where Linux gives them (lookups
+    read random rows: huge pages spare a TLB miss per row, dlrm/malloc.py), advised before the
+    zeros touch the memory."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if t.device.type == "cpu":
+        advise_huge_pages(t.data_ptr(), t.nbytes)
+    return t.zero_()
 
 
 class _Lookup(torch.autograd.Function):
