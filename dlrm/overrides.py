@@ -2,7 +2,8 @@
 
 Hydra's own messages for these cases name no key or run over several lines: an override its
 lexer cannot read (`data.path=/data/day=23`: say how to quote it), and a misspelled key
-(`trainer.max_stepz=50`: Hydra suggests adding it with `+`; say which key was meant). Values
+(`trainer.max_stepz=50`: Hydra suggests adding it with `+`; say which key was meant), and an
+unknown choice of a config group (`emb=ttt`: Hydra lists every search path over 15 lines). Values
 are checked later, by `dlrm.config.validate`, on the composed config.
 """
 
@@ -89,6 +90,28 @@ def check_override_keys(argv: list[str], keys: set[str] | None = None) -> str | 
         close = difflib.get_close_matches(key, section, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         return f"error: {key} is not a setting ({hint}a new key needs a +: +{arg})"
+    return None
+
+
+def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
+    """The one-line error for an override choosing a config group option that has no file
+    (`emb=ttt`, `+experiment=compresion`; each of a sweep's comma-separated choices), naming the
+    closest choice and listing them; None when every choice exists. Sweep functions (`glob(...)`,
+    `range(...)`) and nested groups (`+experiment/compression_grid=...`) are left to Hydra."""
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        group = key.lstrip("+")
+        if not eq or key.startswith(("~", "-")) or "." in group or "/" in group or "(" in value:
+            continue
+        folder = conf_dir / group
+        if not folder.is_dir():
+            continue
+        choices = sorted(p.stem for p in folder.glob("*.yaml"))
+        for choice in (c.strip() for c in value.split(",")):
+            if choice and choice != "null" and choice not in choices:
+                close = difflib.get_close_matches(choice, choices, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                return f"error: {group}={choice}: no such choice in conf/{group}/ ({hint}choices: {', '.join(choices)})"
     return None
 
 

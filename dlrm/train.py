@@ -40,7 +40,7 @@ from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.embeddings.budget import BudgetUnreachable
 from dlrm.io import atomic_write_text
 from dlrm.model import resolve_precision
-from dlrm.overrides import check_override_keys, check_overrides
+from dlrm.overrides import check_group_choices, check_override_keys, check_overrides
 from dlrm.telemetry import FILE_ONLY, RESULTS_FILE, route_library_logs
 from dlrm.threads import warn_if_cores_busy
 from dlrm.trainer import Interrupted, Trainer
@@ -351,7 +351,7 @@ def sweep_metric(results: dict, metric) -> float | tuple[float, ...]:
 
 def main() -> None:
     """`python -m dlrm.train`: the overrides are checked first, then Hydra runs `_hydra_main`."""
-    error = check_overrides(sys.argv[1:]) or check_override_keys(sys.argv[1:])
+    error = check_overrides(sys.argv[1:]) or check_group_choices(sys.argv[1:]) or check_override_keys(sys.argv[1:])
     if error:
         print(error, file=sys.stderr)
         sys.exit(2)

@@ -239,3 +239,23 @@ def test_a_misspelled_key_is_one_line_naming_the_closest_setting(tmp_path):
         "error: trainer.max_stepz is not a setting (did you mean trainer.max_steps? a new key needs a +: "
         "+trainer.max_stepz=50)"
     ]
+
+
+def test_an_unknown_group_choice_is_one_line_naming_the_closest(tmp_path):
+    """`emb=ttt` got Hydra's 15-line message; now one line with the closest choice and the list.
+    Existing choices, sweeps of them, nested groups and sweep functions pass."""
+    from dlrm.overrides import check_group_choices
+
+    for fine in (["emb=tt", "rank=8"], ["-m", "emb=full,tt,hashed"], ["+experiment=compression_grid"],
+                 ["+experiment/compression_grid=full"], ["emb=glob(h*)"], ["trainer.max_steps=5"],
+                 ["model=dcnv2", "data=synthetic"]):
+        assert check_group_choices(fine) is None, fine
+    assert check_group_choices(["-m", "emb=full,qrr"]).startswith(
+        "error: emb=qrr: no such choice in conf/emb/ (did you mean qr? choices: cached, "
+    )
+    assert "did you mean compression_grid?" in check_group_choices(["+experiment=compresion_grid"])
+    proc = _cli("emb=ttt", cwd=tmp_path)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: emb=ttt: no such choice in conf/emb/ (did you mean tt? choices: ")
+    assert ", tt)" in line or ", tt," in line
