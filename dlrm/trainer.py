@@ -42,7 +42,7 @@ from dlrm import compile as compile_step
 from dlrm.data.loader import ParquetLoader
 from dlrm.malloc import keep_freed_memory
 from dlrm.embeddings.base import EmbeddingBackend
-from dlrm.embeddings.tables import table_kernel
+from dlrm.embeddings.tables import load_portable_tables, portable_tables, table_kernel, with_own_table_buffers
 from dlrm.metrics import EvalMetrics
 from dlrm.model import DLRM
 from dlrm.telemetry import Telemetry
@@ -276,6 +276,7 @@ class Trainer:
             "samples": s.samples,
             "dense": {k: v for k, v in self.model.state_dict().items() if not k.startswith("sparse_arch.")},
             "embeddings": backend.checkpoint_state(),
+            "tables": portable_tables(backend),  # views of the above: a resume under the other kernel
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "rng": checkpoint.rng_state(),
             "config": self.run_config,
@@ -296,7 +297,10 @@ class Trainer:
         path = checkpoint.find(source, backend.committed_step())
         ckpt = checkpoint.load(path)
         checkpoint.check_config(ckpt["config"], self.run_config, path)
-        checkpoint.check_table_kernel(ckpt.get("table_kernel"), self.table_kernel, path)
+        # Another table kernel (auto: ours on CPU, fbgemm's on CUDA) loads the per-table copy.
+        convert = ckpt.get("table_kernel") not in (None, self.table_kernel)
+        if convert and "tables" not in ckpt:  # written before checkpoints held it
+            checkpoint.check_table_kernel(ckpt.get("table_kernel"), self.table_kernel, path)
         checkpoint.check_dataset(
             ckpt.get("dataset"), checkpoint.dataset_identity(self.train_data.meta), path, self.train_data.path
         )
@@ -304,7 +308,13 @@ class Trainer:
         missing = [k for k in missing if not k.startswith("sparse_arch.")]
         if missing or unexpected:
             raise ValueError(f"{path}: dense model does not match (missing {missing}, unexpected {unexpected})")
-        backend.load_checkpoint_state(ckpt["embeddings"])
+        if convert:
+            module = with_own_table_buffers(backend, ckpt["embeddings"]["module"])
+            backend.load_checkpoint_state({**ckpt["embeddings"], "module": module})
+            load_portable_tables(backend, ckpt["tables"])
+            log.info("tables converted from the %s kernel's layout to the %s kernel's", ckpt["table_kernel"], self.table_kernel)
+        else:
+            backend.load_checkpoint_state(ckpt["embeddings"])
         for opt, state in zip(self.optimizers, ckpt["optimizers"], strict=True):
             opt.load_state_dict(state)
         checkpoint.set_rng_state(ckpt["rng"])

@@ -116,15 +116,58 @@ def test_a_checkpoint_from_before_the_table_kernel_choice_names_the_kernel_to_re
         check_config(old, now, tmp_path / "step-3.pt")  # another lr: no kernel hint
 
 
-def test_a_checkpoint_resumed_where_auto_picks_another_table_kernel_names_the_kernel(
-    compose_cfg, tiny_dataset, tmp_path, monkeypatch
+@pytest.mark.parametrize("written, resumed", [("torch", "fbgemm"), ("fbgemm", "torch")])
+def test_a_checkpoint_resumes_under_the_other_table_kernel(
+    compose_cfg, tiny_dataset, tmp_path, monkeypatch, written, resumed
 ):
     """optim.sparse.kernel=auto is ours on CPU and fbgemm's on CUDA: a CPU checkpoint resumed on
-    CUDA has the same config but another table layout. The checkpoint records the kernel that
-    ran; the resume names the setting to use (simulated here by auto resolving to fbgemm)."""
+    CUDA has the same config but another table layout (simulated here by making auto resolve to
+    the other kernel). The per-table copy in the checkpoint converts it: the resumed run's tables
+    start as the checkpoint's and it ends where an unbroken run of the written kernel ends."""
+    import dlrm.embeddings.tables
+    import dlrm.trainer
+
+    def resolve(kernel):
+        for mod in (dlrm.trainer, dlrm.embeddings.tables):
+            monkeypatch.setattr(mod, "table_kernel", lambda optim, device: kernel)
+
+    resolve(written)
+    straight = run(compose_cfg("trainer.max_steps=6"), tmp_path / "straight")
     run(compose_cfg("trainer.max_steps=3", "trainer.checkpoint_every=3"), tmp_path / "first")
-    state = torch.load(checkpoint_files(tmp_path / "first" / CHECKPOINT_DIR)[3], weights_only=True)
+    saved = torch.load(checkpoint_files(tmp_path / "first" / CHECKPOINT_DIR)[3], weights_only=True)
+    assert saved["table_kernel"] == written and list(saved["tables"]) == ["tbe"]
+    loaded = {}
+    load = dlrm.trainer.load_portable_tables
+
+    def spy(backend, tables):  # what the resumed tables hold right after loading
+        load(backend, tables)
+        modules = list(dlrm.embeddings.tables.fused_modules(backend).values())
+        loaded["kernels"] = [type(m).__name__ for m in modules]
+        loaded["weights"] = [w.clone() for m in modules for w in m.split_embedding_weights()]
+        loaded["states"] = [s.clone() for m in modules for table in m.split_optimizer_states() for s in table]
+
+    monkeypatch.setattr(dlrm.trainer, "load_portable_tables", spy)
+    resolve(resumed)
+    again = run(compose_cfg("trainer.max_steps=6", f"trainer.resume={tmp_path / 'first'}"), tmp_path / "again")
+    assert loaded["kernels"] == ["BatchedTables" if resumed == "torch" else "SplitTableBatchedEmbeddingBagsCodegen"]
+    states = [s for table in saved["tables"]["tbe"]["states"] for s in table]
+    assert len(loaded["states"]) == len(states) > 0  # row-wise Adagrad: one state per table
+    for ours, theirs in zip(loaded["weights"] + loaded["states"], saved["tables"]["tbe"]["weights"] + states, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert _metrics(again) == pytest.approx(_metrics(straight), abs=1e-4)
+
+
+def test_a_checkpoint_without_per_table_copies_names_the_kernel_to_resume_with(
+    compose_cfg, tiny_dataset, tmp_path, monkeypatch
+):
+    """Checkpoints written before they held the per-table copy cannot change kernels: the resume
+    names the setting to use (simulated by dropping the copy and auto resolving to fbgemm)."""
+    run(compose_cfg("trainer.max_steps=3", "trainer.checkpoint_every=3"), tmp_path / "first")
+    path = checkpoint_files(tmp_path / "first" / CHECKPOINT_DIR)[3]
+    state = torch.load(path, weights_only=True)
     assert state["table_kernel"] == "torch"
+    del state["tables"]
+    torch.save(state, path)
     import dlrm.trainer
 
     monkeypatch.setattr(dlrm.trainer, "table_kernel", lambda optim, device: "fbgemm")

@@ -183,3 +183,56 @@ def tbe_bytes(tbe: SplitTableBatchedEmbeddingBagsCodegen | BatchedTables) -> int
         for s in per_table
     )
     return weights + states
+
+
+# ---------------------------------------------------------------- checkpoints across kernels
+# The two kernels keep rows and optimizer state in different buffers (ours: one [rows, dim]
+# tensor per dim; fbgemm: flat weights_host / weights_dev plus offsets), so a state_dict written
+# by one does not load into the other, and `optim.sparse.kernel=auto` is ours on CPU and fbgemm's
+# on CUDA. Checkpoints therefore also hold every table's rows and state per table, the layout
+# both kernels' split_* methods speak; a resume under the other kernel loads from those.
+
+
+def fused_modules(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Each batched-tables module (ours or fbgemm's TBE) inside `module`, by its path."""
+    kinds = (BatchedTables, SplitTableBatchedEmbeddingBagsCodegen)
+    return {name: m for name, m in module.named_modules() if isinstance(m, kinds)}
+
+
+def portable_tables(module: torch.nn.Module) -> dict[str, dict[str, list]]:
+    """Per batched-tables module inside `module` (by path): `weights`, each table's rows
+    `[rows, dim]`, and `states`, each table's fused optimizer state (`[[rows]]` row-wise Adagrad,
+    `[[rows, dim]]` Adagrad, none for SGD). Views of the module's own tensors: `torch.save` writes
+    a storage once, so saving them beside the state_dict costs no bytes."""
+    return {
+        path: {"weights": list(m.split_embedding_weights()), "states": [list(s) for s in m.split_optimizer_states()]}
+        for path, m in fused_modules(module).items()
+    }
+
+
+def with_own_table_buffers(module: torch.nn.Module, state: dict) -> dict:
+    """`state` (a state_dict of `module` written under the other table kernel) with the entries
+    of every batched-tables module replaced by `module`'s own: it then loads, and
+    `load_portable_tables` fills the tables."""
+    paths = tuple(f"{p}." if p else "" for p in fused_modules(module))
+    own = {k: v for k, v in module.state_dict().items() if k.startswith(paths)}
+    return {**{k: v for k, v in state.items() if not k.startswith(paths)}, **own}
+
+
+@torch.no_grad()
+def load_portable_tables(module: torch.nn.Module, saved: dict[str, dict[str, list]]) -> None:
+    """Copy `portable_tables`' output (from either kernel) into `module`'s batched tables.
+    Raises ValueError when the modules, tables or their shapes differ."""
+    mine = fused_modules(module)
+    if sorted(mine) != sorted(saved):
+        raise ValueError(f"checkpoint holds tables of modules {sorted(saved)}, this model has {sorted(mine)}")
+    for path, m in mine.items():
+        pairs = list(zip(m.split_embedding_weights(), saved[path]["weights"]))
+        pairs += [(a, b) for ours, theirs in zip(m.split_optimizer_states(), saved[path]["states"]) for a, b in zip(ours, theirs)]
+        counts = (len(m.split_embedding_weights()), len(m.split_optimizer_states()))
+        if counts != (len(saved[path]["weights"]), len(saved[path]["states"])):
+            raise ValueError(f"{path or 'tables'}: checkpoint holds {len(saved[path]['weights'])} tables, this model {counts[0]}")
+        for ours, theirs in pairs:
+            if ours.shape != theirs.shape:
+                raise ValueError(f"{path or 'tables'}: a table of shape {tuple(theirs.shape)} in the checkpoint, {tuple(ours.shape)} here")
+            ours.copy_(theirs)
