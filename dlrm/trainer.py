@@ -40,9 +40,9 @@ from tqdm import tqdm
 from dlrm import checkpoint
 from dlrm import compile as compile_step
 from dlrm.data.loader import ParquetLoader
-from dlrm.malloc import keep_freed_memory
 from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.embeddings.tables import load_portable_tables, portable_tables, table_kernel, with_own_table_buffers
+from dlrm.malloc import keep_freed_memory
 from dlrm.metrics import EvalMetrics
 from dlrm.model import DLRM
 from dlrm.telemetry import Telemetry

@@ -65,7 +65,8 @@ def test_table_rows_sit_on_huge_pages_where_linux_gives_them():
     import pytest
 
     try:
-        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
     except OSError:
         pytest.skip("no transparent huge pages on this system")
     available, gained, weights, states, small, aligned = _huge("on")
