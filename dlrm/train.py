@@ -26,6 +26,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import dlrm
 from dlrm import checkpoint, distributed
 from dlrm.build import build_model
 from dlrm.config import ConfigError, flatten, validate
@@ -63,7 +64,7 @@ def set_threads(requested: int) -> int:
     2 threads beat 1 end to end by 14% even though the loader thread competes with them
     (docs/benchmarks.md)."""
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    threads = requested or max(1, len(os.sched_getaffinity(0)) // local_processes)
+    threads = requested or max(1, dlrm.CPUS_AT_START // local_processes)
     torch.set_num_threads(threads)
     return threads
 

@@ -132,6 +132,24 @@ def test_cli_run_and_multirun(data_root, tiny_dataset, tmp_path):
     assert aucs[0] != aucs[1]  # the seed reaches the run
 
 
+def test_auto_threads_count_the_cpus_from_before_openmp_bound_the_main_thread(tmp_path):
+    """With OMP_PROC_BIND set, loading torch binds the main thread to one CPU: the thread count
+    comes from the affinity read before that (as `import dlrm` does), not 1."""
+    import os
+
+    script = (
+        "import os, dlrm; cpus = len(os.sched_getaffinity(0)); import torch; from dlrm.train import set_threads; "
+        "print(cpus, len(os.sched_getaffinity(0)), set_threads(0))"
+    )
+    env = {**os.environ, "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+    env.pop("LOCAL_WORLD_SIZE", None)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env).stdout
+    cpus, bound, threads = map(int, out.split())
+    assert threads == cpus
+    if cpus > 1:
+        assert bound == 1  # what the old count read (libgomp's binding; if this changes, so may the need)
+
+
 def test_auto_threads_share_the_cores_between_torchrun_processes(monkeypatch):
     """trainer.threads=0: all cores in a plain run, cores / LOCAL_WORLD_SIZE under torchrun
     (never 0), and an explicit count as given."""
@@ -141,8 +159,10 @@ def test_auto_threads_share_the_cores_between_torchrun_processes(monkeypatch):
 
     from dlrm.train import set_threads
 
+    import dlrm
+
     before = torch.get_num_threads()
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(dlrm, "CPUS_AT_START", 4)
     try:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         assert set_threads(0) == 4
