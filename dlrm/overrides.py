@@ -2,7 +2,8 @@
 
 Hydra's own messages for these cases name no key or run over several lines: an override its
 lexer cannot read (`data.path=/data/day=23`: say how to quote it), and a misspelled key
-(`trainer.max_stepz=50`: Hydra suggests adding it with `+`; say which key was meant), and an
+(`trainer.max_stepz=50`: Hydra suggests adding it with `+`, which our validation then rejects;
+say which key was meant), and an
 unknown choice of a config group (`emb=ttt`: Hydra lists every search path over 15 lines). Values
 are checked later, by `dlrm.config.validate`, on the composed config.
 """
@@ -70,8 +71,8 @@ def known_keys(conf_dir: Path = CONF_DIR) -> set[str]:
 
 def check_override_keys(argv: list[str], keys: set[str] | None = None) -> str | None:
     """The one-line error for an override of a trainer/data/emb/model/optim key that no config
-    file has (a typo: Hydra's own message is 6 lines and suggests adding it with `+`), naming the
-    closest key; None when all are known. Keys inside a known option (`emb.shapes.C3...`) and
+    file has (a typo: Hydra's own message is 6 lines and suggests adding it with `+`, which
+    `validate` rejects for these sections), naming the closest key; None when all are known. Keys inside a known option (`emb.shapes.C3...`) and
     `+`/`++`/`~` overrides are left to Hydra and `validate`."""
     for arg in argv:
         key, eq, value = arg.partition("=")
@@ -88,8 +89,9 @@ def check_override_keys(argv: list[str], keys: set[str] | None = None) -> str | 
             continue
         section = [k for k in keys if k.startswith(parts[0] + ".")]
         close = difflib.get_close_matches(key, section, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        return f"error: {key} is not a setting ({hint}a new key needs a +: +{arg})"
+        # no "+key" hint: these sections take only known settings (validate rejects new ones)
+        hint = f"did you mean {close[0]}?" if close else f"python -m dlrm.train --cfg job lists the {parts[0]} settings"
+        return f"error: {key} is not a setting ({hint})"
     return None
 
 

@@ -36,10 +36,11 @@ from dlrm.data.schema import SPARSE
 from dlrm.data.synthetic import SyntheticSpec, ensure_dataset
 from dlrm.distributed import run as dist_run
 from dlrm.embeddings import Runtime
-from dlrm.embeddings.tables import table_kernel
 from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.embeddings.budget import BudgetUnreachable
+from dlrm.embeddings.tables import table_kernel
 from dlrm.io import atomic_write_text
+from dlrm.malloc import huge_pages_available
 from dlrm.model import resolve_precision
 from dlrm.overrides import check_group_choices, check_override_keys, check_overrides
 from dlrm.telemetry import FILE_ONLY, RESULTS_FILE, route_library_logs
@@ -170,12 +171,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.text("config", OmegaConf.to_yaml(cfg))
     tele.text("embeddings", embeddings.describe())
     log.info("embeddings:\n%s", embeddings.describe())
+    kernel = table_kernel(cfg.optim.sparse, device)
+    # our kernel's rows on transparent huge pages (dlrm/malloc.py); fbgemm allocates its own
+    huge_pages = not env.distributed and kernel == "torch" and device.type == "cpu" and huge_pages_available()
     log.info(
-        "device %s, %d thread%s, precision %s, table kernel %s (optim.sparse.kernel=%s), data %s",
+        "device %s, %d thread%s, precision %s, table kernel %s (optim.sparse.kernel=%s%s), data %s",
         device, threads, "" if threads == 1 else "s", precision,
         # under torchrun, sharded tables run in torchrec's fbgemm collection whatever the kernel
-        "fbgemm (torchrec, sharded)" if env.distributed else table_kernel(cfg.optim.sparse, device),
-        cfg.optim.sparse.get("kernel", "auto"), path,
+        "fbgemm (torchrec, sharded)" if env.distributed else kernel,
+        cfg.optim.sparse.get("kernel", "auto"), ", rows on huge pages" if huge_pages else "", path,
     )
 
     trainer_cls = Trainer
@@ -205,6 +209,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "compression_ratio": full_bytes / emb_bytes,
         "peak_rss_bytes": tele.peak_rss_bytes,
         "compressed_tables": n_compressed,
+        "huge_pages": huge_pages,  # an environment setting (DLRM_HUGE_PAGES), not in the config
         "wall_s": time.time() - t_start,
         **embeddings.stats(),
     }
@@ -326,7 +331,10 @@ def _hydra_main(cfg: DictConfig) -> float:
         if not isinstance(e, (ConfigError, OSError, ValueError, FloatingPointError)):
             raise  # a bug: keep the traceback
         log.error("%s", e, extra=FILE_ONLY)  # the console gets it once, on stderr:
-        print(f"error: {e}", file=sys.stderr)  # one clear line for bad input
+        # one clear line for bad input, in one write: under torchrun every rank prints it, and two
+        # processes' separate writes of the text and its newline could join two lines into one
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         sys.exit(2)
     if results.get("unreachable"):
         print(f"not trained: {results['reason']} (recorded in {out_dir / 'results.json'})")
