@@ -1,10 +1,10 @@
 """Command-line overrides checked before Hydra composes the config, for one-line errors.
 
 Hydra's own messages for these cases name no key or run over several lines: an override its
-lexer cannot read (`data.path=/data/day=23`: say how to quote it), and a misspelled key
+lexer cannot read (`data.path=/data/day=23`: say how to quote it), a misspelled key
 (`trainer.max_stepz=50`: Hydra suggests adding it with `+`, which our validation then rejects;
-say which key was meant), and an
-unknown choice of a config group (`emb=ttt`: Hydra lists every search path over 15 lines). Values
+say which key was meant), and an unknown choice of a config group (`emb=ttt`: Hydra lists every
+search path over 15 lines). Values
 are checked later, by `dlrm.config.validate`, on the composed config.
 """
 
@@ -72,8 +72,9 @@ def known_keys(conf_dir: Path = CONF_DIR) -> set[str]:
 def check_override_keys(argv: list[str], keys: set[str] | None = None) -> str | None:
     """The one-line error for an override of a trainer/data/emb/model/optim key that no config
     file has (a typo: Hydra's own message is 6 lines and suggests adding it with `+`, which
-    `validate` rejects for these sections), naming the closest key; None when all are known. Keys inside a known option (`emb.shapes.C3...`) and
-    `+`/`++`/`~` overrides are left to Hydra and `validate`."""
+    `validate` rejects for these sections), naming the closest key; None when all are known.
+    Keys inside a known option (`emb.shapes.C3...`) and `+`/`++`/`~` overrides are left to Hydra
+    and `validate`."""
     for arg in argv:
         key, eq, value = arg.partition("=")
         if not eq or key.startswith(("+", "~", "-")) or "." not in key or "/" in key:

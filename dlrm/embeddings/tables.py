@@ -227,11 +227,11 @@ def load_portable_tables(module: torch.nn.Module, saved: dict[str, dict[str, lis
     if sorted(mine) != sorted(saved):
         raise ValueError(f"checkpoint holds tables of modules {sorted(saved)}, this model has {sorted(mine)}")
     for path, m in mine.items():
-        pairs = list(zip(m.split_embedding_weights(), saved[path]["weights"]))
-        pairs += [(a, b) for ours, theirs in zip(m.split_optimizer_states(), saved[path]["states"]) for a, b in zip(ours, theirs)]
-        counts = (len(m.split_embedding_weights()), len(m.split_optimizer_states()))
-        if counts != (len(saved[path]["weights"]), len(saved[path]["states"])):
-            raise ValueError(f"{path or 'tables'}: checkpoint holds {len(saved[path]['weights'])} tables, this model {counts[0]}")
+        weights, states = m.split_embedding_weights(), m.split_optimizer_states()
+        if (len(weights), len(states)) != (len(saved[path]["weights"]), len(saved[path]["states"])):
+            raise ValueError(f"{path or 'tables'}: checkpoint holds {len(saved[path]['weights'])} tables, this model {len(weights)}")
+        pairs = list(zip(weights, saved[path]["weights"]))
+        pairs += [(a, b) for ours, theirs in zip(states, saved[path]["states"]) for a, b in zip(ours, theirs)]
         for ours, theirs in pairs:
             if ours.shape != theirs.shape:
                 raise ValueError(f"{path or 'tables'}: a table of shape {tuple(theirs.shape)} in the checkpoint, {tuple(ours.shape)} here")
