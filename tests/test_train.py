@@ -49,12 +49,10 @@ def test_results_record_whether_the_rows_sat_on_huge_pages(compose_cfg, tiny_dat
     from dlrm.malloc import huge_pages_available
 
     monkeypatch.setenv("DLRM_HUGE_PAGES", "off")
-    monkeypatch.setattr("dlrm.malloc._madvise", None)  # read the setting again
     with caplog.at_level("INFO", logger="dlrm"):
         assert run(compose_cfg("trainer.max_steps=2"), tmp_path / "off")["huge_pages"] is False
     assert "rows on huge pages" not in caplog.text
     monkeypatch.delenv("DLRM_HUGE_PAGES")
-    monkeypatch.setattr("dlrm.malloc._madvise", None)
     caplog.clear()
     with caplog.at_level("INFO", logger="dlrm"):
         on = run(compose_cfg("trainer.max_steps=2"), tmp_path / "on")["huge_pages"]

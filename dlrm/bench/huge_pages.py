@@ -18,13 +18,11 @@ import os
 import tempfile
 import time
 
-import dlrm.malloc
 from dlrm.bench.trainer_step import _rounded, _trainer, side_by_side
 
 
 def _set_huge_pages(on: bool) -> None:
-    os.environ["DLRM_HUGE_PAGES"] = "on" if on else "off"
-    dlrm.malloc._madvise = None  # read the setting again
+    os.environ["DLRM_HUGE_PAGES"] = "on" if on else "off"  # read at each table allocation
 
 
 def _anon_huge_mib() -> float:
