@@ -71,29 +71,32 @@ def test_forward_and_backward_equal_hand_built_reference(counts_dir, pooling):
             p.add_(torch.randn_like(p) * 0.3)
     bags = {"C1": [[0, 7, 999], [7], [500, 3], []], "C2": [[299], [1, 2], [5, 5, 6], [0]]}
     counts = {t.name: np.load(counts_dir / f"{t.features[0]}.npy") for t in TABLES}
-    weights = [w.clone() for w in emb.tbe.split_embedding_weights()]
+    weights = [w.clone() for t in TABLES for w in emb.block_weights(t.name)]
     proj = {n: p.detach().clone() for n, p in emb.projections.items()}
     out = emb(kjt(bags))
     grad = torch.randn_like(out.values())
     out.values().backward(grad)
-    new_weights = emb.tbe.split_embedding_weights()
+    new_weights = [w for t in TABLES for w in emb.block_weights(t.name)]
     first = 0
     for i, (t, f) in enumerate(zip(TABLES, ("C1", "C2"))):
         dims = emb.block_dims[t.name]
-        starts = np.cumsum([0] + dims)
+        narrow = [d if d < 8 else 0 for d in dims]  # full-width blocks are not projected
+        starts = np.cumsum([0] + narrow)
         expected_w = [weights[first + k].clone() for k in range(len(dims))]
         expected_pgrad = torch.zeros_like(proj[t.name])
+        assert proj[t.name].shape == (sum(narrow), 8)
         for b, bag in enumerate(bags[f]):
             scale = 1.0 / max(len(bag), 1) if pooling == "mean" else 1.0
             want = torch.zeros(8)
             g = grad[b, 8 * i : 8 * i + 8]
             for x in bag:
                 k, r = reference_route(emb, t, counts[t.name], x)
-                p_k = proj[t.name][starts[k] : starts[k + 1]]
+                p_k = proj[t.name][starts[k] : starts[k + 1]] if narrow[k] else torch.eye(8)
                 row = weights[first + k][r]
                 want += scale * row @ p_k
                 expected_w[k][r] -= 0.5 * scale * (p_k @ g)
-                expected_pgrad[starts[k] : starts[k + 1]] += scale * torch.outer(row, g)
+                if narrow[k]:
+                    expected_pgrad[starts[k] : starts[k + 1]] += scale * torch.outer(row, g)
             torch.testing.assert_close(out[f][b], want)
         for k in range(len(dims)):
             torch.testing.assert_close(new_weights[first + k], expected_w[k])
@@ -103,21 +106,25 @@ def test_forward_and_backward_equal_hand_built_reference(counts_dir, pooling):
 
 def test_full_width_blocks_are_a_plain_table():
     emb = build(dims={"C1": [8, 8, 8, 8], "C2": [8, 8, 8, 8]})
-    assert emb.block_rows == {"t_C1": [1000], "t_C2": [300]} and len(emb.head_keys) == 0
+    assert emb.block_rows == {"t_C1": [1000], "t_C2": [300]} and len(emb.head_row) == 0
     out = emb(kjt({"C1": [[3], [999]], "C2": [[0], [299]]}))
-    w1, w2 = emb.tbe.split_embedding_weights()
+    (w1,), (w2,) = emb.block_weights("t_C1"), emb.block_weights("t_C2")
     torch.testing.assert_close(out.values(), torch.cat([w1[[3, 999]], w2[[0, 299]]], 1))
 
 
 def test_embedding_bytes_count_every_tensor(counts_dir):
     emb = build(str(counts_dir))
     opt = emb.optimizers()[0]
-    expected = tbe_bytes(emb.tbe) + 8 * (len(emb.head_keys) + len(emb.head_codes))
+    tables = sum(tbe_bytes(m) for m in emb.width_tables)
+    heads = sum(n for t in TABLES for n in emb.block_rows[t.name][:-1])
+    words = sum(-(-t.rows // 32) for t in TABLES if len(emb.block_rows[t.name]) > 1)
+    assert len(emb.head_row) == heads and len(emb.head_bits) == words
+    expected = tables + 8 * words + 5 * heads  # int32 bits and rank per word, int32 row + int8 group per head id
     for p in emb.projections.values():
         expected += p.numel() * 4 + sum(s.numel() * s.element_size() for s in opt.state[p].values())
     assert emb.embedding_bytes() == expected
     rows = sum(n * (d + 1) for t in TABLES for n, d in zip(emb.block_rows[t.name], emb.block_dims[t.name]))
-    assert tbe_bytes(emb.tbe) == sum(
+    assert tables == sum(
         n * d * 4 for t in TABLES for n, d in zip(emb.block_rows[t.name], emb.block_dims[t.name])
     )  # SGD: no state
     assert rows > 0

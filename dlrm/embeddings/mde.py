@@ -13,17 +13,25 @@ block is `dim` wide (at scale 1), rare ids get narrow rows. Widths are rounded t
 fbgemm's row alignment, so at dim 16 with row-wise Adagrad (4 bytes of state per row) a table
 shrinks at most (16 + 1) / (4 + 1) = 3.4x: MDE cannot reach 10x here (the VLDB 2024 study reports
 MDE reaching about 11x; even 1-wide rows would stop at (16 + 1) / (1 + 1) = 8.5x with a row-wise
-optimizer state). Each block is a plain fbgemm table
-(fused updates, as emb=full) of its own width, followed by a learned projection P_k
-[d_k, dim] (initialized to [I | 0], so at equal widths MDE starts as a plain table); the pooled
-output of a bag is sum over its ids of e_id P_block(id), computed per block after fbgemm pools.
+optimizer state). Each block holds plain fused rows (updated in backward, as emb=full); blocks
+narrower than `dim` are followed by a learned projection P_k [d_k, dim] (initialized to [I | 0]),
+full-width blocks are used as they are (as facebookresearch/dlrm's md_embedding_bag, whose
+projection is the identity at the base dim). The pooled output of a bag is the sum over its ids
+of e_id P_block(id).
 
-Rows. Blocks 0..K-2 are numbered by the sorted ids they hold (a binary search over one sorted
-int64 key buffer plus an int64 code per id: 16 bytes per head id); the last block is indexed by
-the id itself (a table of `rows` rows at width d_{K-1}, whose rows of head ids go unused: at most
-rows^((K-1)/K) rows), so the index costs nothing for the tail. `embedding_bytes` counts all of it,
-plus the projections and their optimizer state (`emb.optimizer`, stepped by `optimizers()` like
-TT's cores; the trainer's dense optimizer never sees them).
+Layout, for speed (docs/benchmarks.md, "MDE's step"): one fused table per distinct width, holding
+every block of that width of every table, so a batch costs one lookup per width, not one per
+block; each width's rows are pooled into their bags, the narrow ones projected by one batched
+matmul over a zero-padded [tables, sum of narrow widths, dim] projection.
+
+Rows. Blocks 0..K-2 are numbered by the sorted ids they hold; which block an id is in and its row
+come from a bitmap over the table's ids (a bit per id, set for head ids, in 32-bit words with each
+word's rank: 8 bytes per 32 ids) and, per head id, an int32 row and an int8 width group (5 bytes):
+a gather and a popcount per lookup, not a binary search. The last block is indexed by the id
+itself (a table of `rows` rows at width d_{K-1}, whose rows of head ids go unused: at most
+rows^((K-1)/K) rows), so the tail needs no index. `embedding_bytes` counts all of it, plus the
+projections and their optimizer state (`emb.optimizer`, stepped by `optimizers()` like TT's
+cores; the trainer's dense optimizer never sees them).
 
 Example::
 
@@ -48,7 +56,7 @@ from dlrm.embeddings.policy import POLICY_OPTIONS, resolve_table
 from dlrm.embeddings.tables import fused_tables, init_uniform_, tbe_bytes
 from dlrm.options import Opt
 
-KEY_BITS = 40  # head ids are keyed table_index << 40 | id
+WORD_BITS = 32  # the head-id bitmap's word: int32, read as an unsigned 32-bit value
 OPTIMIZERS = ("adagrad", "sgd")
 ALIGN = 4  # fbgemm TBE rows are a multiple of 4 floats wide
 
@@ -99,12 +107,16 @@ def merge_blocks(bounds: list[int], dims: list[int]) -> tuple[list[int], list[in
 def mde_bytes(rows: int, dim: int, bounds: list[int], dims: list[int], row_cost, proj_optimizer: str) -> int:
     """Bytes `MDEEmbeddings.embedding_bytes` counts for one table with merged `bounds`/`dims`:
     block rows (`row_cost(width)` bytes each, weights + fused state; the last block has `rows`
-    rows), 16 bytes per head id, the [sum(dims), dim] projection (x2 with Adagrad's sum, plus its
-    4-byte step)."""
+    rows), the head-id index (with head blocks: a bitmap and a rank per 32 ids, 8 bytes per 32
+    rows, plus 5 bytes per head id), the [sum of the narrow dims, dim] projection (x2 with
+    Adagrad's sum, plus its 4-byte step; none when every block is `dim` wide)."""
     sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    index = 8 * -(-rows // WORD_BITS) + 5 * sum(sizes[:-1]) if len(sizes) > 1 else 0
     table = sum(n * row_cost(d) for n, d in zip(sizes[:-1] + [rows], dims))
-    proj = sum(dims) * dim * 4
-    return table + 16 * sum(sizes[:-1]) + (2 * proj + 4 if proj_optimizer == "adagrad" else proj)
+    proj = sum(d for d in dims if d < dim) * dim * 4
+    if proj and proj_optimizer == "adagrad":
+        proj = 2 * proj + 4
+    return table + index + proj
 
 
 def block_freqs(counts: np.ndarray, bounds: list[int]) -> list[float]:
@@ -150,16 +162,13 @@ class MDEEmbeddings(EmbeddingBackend):
         shared = [t.name for t in self.tables if len(t.features) != 1]
         if shared:  # virtual features are numbered feature-major, one feature per table
             raise ValueError(f"emb=mde: tables {shared} are shared by several features; mde takes one feature per table")
-        big = [t.name for t in self.tables if t.rows >= 1 << KEY_BITS]
-        if big:
-            raise ValueError(f"emb=mde: tables {big} have 2^{KEY_BITS} rows or more")
         dims_given = _dims_overrides(cfg.dims, self.tables)
 
         source = counts_source(cfg.counts, runtime, self.name)
         self.block_rows: dict[str, list[int]] = {}  # physical rows per block (the last: all rows)
         self.block_dims: dict[str, list[int]] = {}
-        physical, keys, codes = [], [], []
-        for i, t in enumerate(self.tables):
+        plans = []  # per table: (sorted-by-frequency ids, merged bounds)
+        for t in self.tables:
             bounds = block_bounds(t.rows, blocks)
             order, counts = frequency_order(t, source)
             dims = dims_given.get(t.name) or block_dims(
@@ -170,112 +179,190 @@ class MDEEmbeddings(EmbeddingBackend):
             sizes = [b - a for a, b in zip(bounds, bounds[1:])]
             self.block_rows[t.name] = sizes[:-1] + [t.rows]
             self.block_dims[t.name] = list(dims)
-            n_blocks = len(sizes)
-            for k, (a, b) in enumerate(zip(bounds[:-2], bounds[1:-1])):  # head blocks only
-                ids = order[a:b]
-                keys.append(ids + (i << KEY_BITS))
-                # rank of each id among its block's ids sorted by id, then the block: row * K + k
-                codes.append(np.argsort(np.argsort(ids, kind="stable"), kind="stable") * n_blocks + k)
-            physical += [
-                TableSpec(f"{t.name}_b{k}", n, d, tuple(f"{f}_b{k}" for f in t.features))
-                for k, (n, d) in enumerate(zip(self.block_rows[t.name], dims))
-            ]
-        order = np.argsort(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
-        self.register_buffer("head_keys", torch.from_numpy(np.concatenate(keys)[order] if keys else order).to(device))
-        self.register_buffer("head_codes", torch.from_numpy(np.concatenate(codes)[order] if codes else order).to(device))
-        # fbgemm sees virtual features f_b0, f_b1, ... in feature-major, block-minor order.
-        self.physical_tables = physical
-        # bags are pooled by fbgemm per block, projected, then summed (mean: divided).
-        self.tbe = fused_tables(physical, optim, "sum", device, cfg.weights_precision)
-        with torch.no_grad():  # every block at its logical table's init bound, 1 / sqrt(rows)
-            logical_rows = [t.rows for t in self.tables for _ in self.block_dims[t.name]]
-            for w, n in zip(self.tbe.split_embedding_weights(), logical_rows):
-                init_uniform_(w, n)
+            plans.append((order, bounds))
 
+        if sum(t.rows for t in self.tables) >= 2**31:  # head ranks and group rows are int32
+            raise ValueError(f"emb=mde: tables {[t.name for t in self.tables]} hold 2^31 rows or more")
+        # One fused table per width: every block of that width, of every table, stacked; block
+        # (t, k) starts at row block_start[t][k] of width group group_of[t][k].
+        self.widths = sorted({d for dims in self.block_dims.values() for d in dims}, reverse=True)
+        self.block_group: dict[str, list[int]] = {}
+        self.block_start: dict[str, list[int]] = {}
+        group_rows = [0] * len(self.widths)
+        for t in self.tables:
+            self.block_group[t.name], self.block_start[t.name] = [], []
+            for n, d in zip(self.block_rows[t.name], self.block_dims[t.name]):
+                g = self.widths.index(d)
+                self.block_group[t.name].append(g)
+                self.block_start[t.name].append(group_rows[g])
+                group_rows[g] += n
+        self.width_tables = nn.ModuleList(
+            fused_tables([TableSpec(f"mde_w{w}", n, w, (f"mde_w{w}",))], optim, "sum", device, cfg.weights_precision, init=False)
+            for w, n in zip(self.widths, group_rows)
+        )
+        with torch.no_grad():  # every block at its logical table's init bound, 1 / sqrt(rows)
+            for t in self.tables:
+                for w in self.block_weights(t.name):
+                    init_uniform_(w, t.rows)
+
+        # Head ids (every block but the last): per table a bitmap over its ids (bit x set: id x is
+        # in a head block) in 32-bit words, with each word's rank (head ids before it, over all
+        # tables); the head id of rank j sits in row head_row[j] of width group head_group[j].
+        # A lookup is a gather and a popcount, not a binary search (docs/benchmarks.md).
+        words = [-(-t.rows // WORD_BITS) if len(b) > 2 else 0 for t, (_, b) in zip(self.tables, plans)]
+        bits, ranks, head_rows, head_groups, done = [], [], [], [], 0
+        for t, (order, bounds), n_words in zip(self.tables, plans, words):
+            if not n_words:
+                continue
+            head = np.zeros(n_words * WORD_BITS, dtype=bool)
+            place = np.zeros(t.rows, dtype=np.int64)  # row in its width group, per head id
+            group = np.zeros(t.rows, dtype=np.int8)
+            for k, (a, b) in enumerate(zip(bounds[:-2], bounds[1:-1])):
+                ids = np.sort(order[a:b])  # block rows are numbered by sorted id
+                head[ids] = True
+                place[ids] = self.block_start[t.name][k] + np.arange(len(ids))
+                group[ids] = self.block_group[t.name][k]
+            bits.append(np.packbits(head, bitorder="little").view(np.int32))
+            per_word = head.reshape(n_words, WORD_BITS).sum(1)
+            ranks.append(done + np.concatenate([[0], np.cumsum(per_word)[:-1]]))
+            ids = head.nonzero()[0]
+            head_rows.append(place[ids])
+            head_groups.append(group[ids])
+            done += len(ids)
+        cat = lambda parts, dtype: torch.from_numpy(np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)).to(device)
+        self.register_buffer("head_bits", cat(bits, np.int32))
+        self.register_buffer("head_rank", cat(ranks, np.int32))
+        self.register_buffer("head_row", cat(head_rows, np.int32))
+        self.register_buffer("head_group", cat(head_groups, np.int8))
+        self.register_buffer("word_start", torch.tensor(np.concatenate([[0], np.cumsum(words)[:-1]]), dtype=torch.int64, device=device))
+        # The last block of table i: group tail_group[i], rows from tail_start[i], indexed by id.
+        self.register_buffer("tail_group", torch.tensor([self.block_group[t.name][-1] for t in self.tables], device=device))
+        self.register_buffer("tail_start", torch.tensor([self.block_start[t.name][-1] for t in self.tables], device=device))
+
+        # Projections: per table with narrow blocks, P = [sum of its narrow widths, dim], block
+        # k's rows P_k (init [I | 0]). Full-width blocks are not projected (their rows are the
+        # output, as in facebookresearch/dlrm's md_embedding_bag: Identity at base_dim). For the
+        # lookup they are laid out as one zero-padded [T, S, dim] tensor, S = the sum of the narrow
+        # widths: every table's pooled narrow rows are S wide, width group g in columns
+        # column[g] ..., zeros where a table has no block of that width; one bmm projects them all.
+        self.dim = dim
+        if any(t.dim != dim for t in self.tables):
+            raise ValueError(f"emb=mde: tables {[t.name for t in self.tables]} must share one dim")
+        narrow = [d for d in self.widths if d < dim]
+        self.columns = {g: sum(narrow[: narrow.index(d)]) for g, d in enumerate(self.widths) if d < dim}
+        self.span = sum(narrow)
         self.projections = nn.ParameterDict(
             {
-                t.name: nn.Parameter(_stacked_identity(self.block_dims[t.name], t.dim, device))
+                t.name: nn.Parameter(_stacked_identity([d for d in self.block_dims[t.name] if d < dim], dim, device))
                 for t in self.tables
+                if min(self.block_dims[t.name]) < dim
             }
         )
-        self.optimizer_name = cfg.optimizer
-        params = list(self.projections.parameters())
-        if self.optimizer_name == "adagrad":
-            self._optimizer = torch.optim.Adagrad(params, lr=float(cfg.lr), eps=float(cfg.eps), fused=True)
-        else:
-            self._optimizer = torch.optim.SGD(params, lr=float(cfg.lr), fused=True)
-
-        # Per feature: its table's key offset, number of blocks, first virtual feature.
-        self.table_of_feature = [i for i, t in enumerate(self.tables) for _ in t.features]
-        n_blocks = [len(self.block_dims[t.name]) for t in self.tables]
-        first, acc = [], 0
-        for i in self.table_of_feature:
-            first.append(acc)
-            acc += n_blocks[i]
-        self.n_virtual = acc
         self.register_buffer(
-            "feature_params",
+            "projection_rows",  # row of the padded [T * S, dim] each stacked projection row goes to
             torch.tensor(
-                [[i << KEY_BITS, n_blocks[i], first[j]] for j, i in enumerate(self.table_of_feature)],
+                [
+                    i * self.span + self.columns[g] + c
+                    for i, t in enumerate(self.tables)
+                    for g, d in zip(self.block_group[t.name], self.block_dims[t.name])
+                    if d < dim
+                    for c in range(d)
+                ],
                 dtype=torch.int64, device=device,
             ),
         )
+        self.optimizer_name = cfg.optimizer
+        params = list(self.projections.parameters())
+        self._optimizer = None
+        if params and self.optimizer_name == "adagrad":
+            self._optimizer = torch.optim.Adagrad(params, lr=float(cfg.lr), eps=float(cfg.eps), fused=True)
+        elif params:
+            self._optimizer = torch.optim.SGD(params, lr=float(cfg.lr), fused=True)
         self.check_ids = cfg.check_ids
 
-    def _route(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows in value order, virtual feature of each id, global bag of each id)."""
+    def block_weights(self, table: str) -> list[torch.Tensor]:
+        """Views of table `table`'s blocks, `[block_rows[k], block_dims[k]]` each (block k's row r
+        is the r-th smallest id of the block; the last block's row is the id itself)."""
+        return [
+            self.width_tables[g].split_embedding_weights()[0][s : s + n]
+            for g, s, n in zip(self.block_group[table], self.block_start[table], self.block_rows[table])
+        ]
+
+    def _route(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(width group of each id [N] int64, its row in that group's table [N] int64), in value
+        order."""
         values = features.values()
-        lengths = features.length_per_key()
-        p = self.feature_params.repeat_interleave(
-            torch.tensor(lengths, device=values.device), dim=0, output_size=values.numel()
+        table = torch.arange(len(self.tables), device=values.device).repeat_interleave(
+            torch.tensor(features.length_per_key(), device=values.device), output_size=values.numel()
         )
-        keys = values + p[:, 0]
-        if len(self.head_keys):
-            pos = torch.searchsorted(self.head_keys, keys).clamp(max=len(self.head_keys) - 1)
-            hit = self.head_keys[pos] == keys
-            code = self.head_codes[pos]
-            block = torch.where(hit, code % p[:, 1], p[:, 1] - 1)
-            rows = torch.where(hit, code // p[:, 1], values)
-        else:
-            block, rows = p[:, 1] - 1, values
-        return rows, p[:, 2] + block
+        group = self.tail_group.index_select(0, table)
+        rows = self.tail_start.index_select(0, table) + values
+        if len(self.head_row):
+            word = self.word_start.index_select(0, table) + (values >> 5)
+            bits = self.head_bits.index_select(0, word).long() & 0xFFFFFFFF
+            bit = values & (WORD_BITS - 1)
+            hit = ((bits >> bit) & 1).bool()
+            rank = self.head_rank.index_select(0, word).long() + _popcount32(bits & ((1 << bit) - 1))
+            rank = rank.clamp_(max=len(self.head_row) - 1)  # a miss may point one past the last
+            group = torch.where(hit, self.head_group.index_select(0, rank).long(), group)
+            rows = torch.where(hit, self.head_row.index_select(0, rank).long(), rows)
+        return group, rows
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self.check_ids:
             check_ids_in_range(features, self.tables)
-        b, f = features.stride(), len(self.features)
-        rows, virtual = self._route(features)
-        device = rows.device
-        bag = torch.repeat_interleave(
-            torch.arange(f * b, device=device), features.lengths(), output_size=rows.numel()
-        ) % b
-        # Group ids by virtual feature (feature-major, block-minor), keeping bag order within.
-        slot = virtual * b + bag
-        slot_sorted, order = torch.sort(slot, stable=True)
-        counts = torch.bincount(slot_sorted, minlength=self.n_virtual * b)
-        offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
-        pooled = self.tbe(rows[order], offsets)  # [B, sum of block widths over features]
-        projections = [self.projections[self.tables[i].name] for i in self.table_of_feature]
-        # split (not slicing): its backward concatenates, where slices would zero-fill a
-        # pooled-sized gradient per feature
-        blocks = pooled.split([p.shape[0] for p in projections], dim=1)
-        out = torch.cat([x @ p for x, p in zip(blocks, projections)], dim=1)  # [B, F * dim]
-        if self.pooling == "mean":
-            n = features.lengths().view(f, b).t().clamp(min=1).to(out.dtype)  # [B, F]
-            out = (out.view(b, f, -1) / n.unsqueeze(2)).reshape(b, -1)
-        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=out)
+        b, f, dim = features.stride(), len(self.features), self.dim
+        group, rows = self._route(features)
+        n = rows.numel()
+        lengths = features.lengths()
+        one_hot = n == f * b and bool((lengths == 1).all())
+        # bag of each id, key-major: id i is bag i when every bag holds one id (Criteo)
+        bag = None if one_hot else torch.repeat_interleave(
+            torch.arange(f * b, device=rows.device), lengths, output_size=n
+        )
+        # Each width group's ids looked up in its fused table, one bag per id (the kernel's
+        # one-hot path: the update sums a row's gradients), summed into their bags: full-width
+        # rows straight into `out` (batch-major, as the output), narrow ones into their columns
+        # of `narrow` (feature-major, for the projection's bmm).
+        out, narrow = None, []
+        for g, (w, tables) in enumerate(zip(self.widths, self.width_tables)):
+            ids = (group == g).nonzero().squeeze(1)
+            into = ids if one_hot else bag.index_select(0, ids)  # key-major bags: feature * B + row
+            if w == dim:
+                out = rows.new_zeros((b * f, dim), dtype=torch.float32)
+                into = (into % b) * f + into // b  # batch-major: row * F + feature
+            else:
+                narrow.append(rows.new_zeros((f * b, w), dtype=torch.float32))
+            if ids.numel() == 0:  # fbgemm's kernel takes no empty batch
+                continue
+            got = tables(rows.index_select(0, ids), torch.arange(ids.numel() + 1, device=rows.device))  # [n_g, w]
+            if w == dim:
+                out = out.index_add(0, into, got)
+            else:
+                narrow[-1] = narrow[-1].index_add(0, into, got)
+        out = out.view(b, f, dim) if out is not None else rows.new_zeros((b, f, dim), dtype=torch.float32)
+        if narrow:
+            stacked = torch.cat(list(self.projections.values()))  # [sum of narrow widths over tables, dim]
+            padded = stacked.new_zeros((f * self.span, dim)).index_copy(0, self.projection_rows, stacked)
+            projected = torch.bmm(torch.cat(narrow, 1).view(f, b, self.span), padded.view(f, self.span, dim))
+            out = out + projected.transpose(0, 1)  # [B, F, dim]
+        if self.pooling == "mean" and not one_hot:
+            out = out / lengths.view(f, b).t().clamp(min=1).unsqueeze(2).to(out.dtype)
+        values = out.reshape(b, f * dim)  # [B, F * dim]
+        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=values)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self._optimizer]
+        return [self._optimizer] if self._optimizer is not None else []
 
     def embedding_bytes(self) -> int:
         """Block tables with their fused optimizer state, the head-id index (16 bytes per head id),
         the projections and their optimizer state."""
-        total = tbe_bytes(self.tbe)
-        total += sum(b.numel() * b.element_size() for b in (self.head_keys, self.head_codes))
+        total = sum(tbe_bytes(m) for m in self.width_tables)
+        total += sum(b.numel() * b.element_size() for b in (self.head_bits, self.head_rank, self.head_row, self.head_group))
+        state = self._optimizer.state if self._optimizer is not None else {}
         for p in self.projections.values():
             total += p.numel() * p.element_size()
-            for s in self._optimizer.state.get(p, {}).values():
+            for s in state.get(p, {}).values():
                 if torch.is_tensor(s):
                     total += s.numel() * s.element_size()
         return total
@@ -288,8 +375,17 @@ class MDEEmbeddings(EmbeddingBackend):
         )
 
 
+def _popcount32(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each value of `x` (int64 in [0, 2^32)): the SWAR popcount (torch has no
+    popcount op)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24) & 0xFF
+
+
 def _stacked_identity(dims: list[int], dim: int, device: torch.device) -> torch.Tensor:
-    """[sum(dims), dim]: each block's [I | 0] projection, stacked."""
+    """[sum(dims), dim]: each narrow block's [I | 0] projection, stacked."""
     return torch.cat([torch.eye(d, dim, device=device) for d in dims])
 
 

@@ -125,10 +125,16 @@ def table_kernel(optim: DictConfig, device: torch.device) -> str:
 
 
 def fused_tables(
-    tables: list[TableSpec], optim: DictConfig, pooling: str, device: torch.device, precision: str = "fp32"
+    tables: list[TableSpec],
+    optim: DictConfig,
+    pooling: str,
+    device: torch.device,
+    precision: str = "fp32",
+    init: bool = True,
 ) -> SplitTableBatchedEmbeddingBagsCodegen | BatchedTables:
     """One batched-tables module for `tables` (fbgemm's TBE or ours, by `optim.sparse.kernel`),
-    weights initialized by `init_uniform_`.
+    weights initialized by `init_uniform_` (`init=False`: left at zero, for a caller that
+    initializes them itself).
 
     `optim` is the `optim.sparse` section (name, lr, eps, kernel); `pooling` is `sum` or `mean`;
     `precision` (`emb.weights_precision`) is how rows are stored: fp32 or fp16 (lookups return
@@ -146,9 +152,10 @@ def fused_tables(
             [(t.rows, t.dim) for t in tables], feature_table_map, optim.name, optim.lr,
             optim.get("eps", 1e-8), pooling, precision, device,
         )
-        with torch.no_grad():
-            for t, w in zip(tables, module.split_embedding_weights()):
-                init_uniform_(w, t.rows)
+        if init:
+            with torch.no_grad():
+                for t, w in zip(tables, module.split_embedding_weights()):
+                    init_uniform_(w, t.rows)
         return module
     on_cuda = device.type == "cuda"
     location = EmbeddingLocation.DEVICE if on_cuda else EmbeddingLocation.HOST
@@ -168,9 +175,10 @@ def fused_tables(
         output_dtype=SparseType.FP32,
         **eps,
     )
-    with torch.no_grad():
-        for t, w in zip(tables, tbe.split_embedding_weights()):
-            init_uniform_(w, t.rows)
+    if init:
+        with torch.no_grad():
+            for t, w in zip(tables, tbe.split_embedding_weights()):
+                init_uniform_(w, t.rows)
     return tbe
 
 
