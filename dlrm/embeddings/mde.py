@@ -86,11 +86,17 @@ def block_dims(freq: list[float], dim: int, alpha: float, scale: float, min_dim:
 
 def check_dims(dims: list[int], bounds: list[int], table: TableSpec) -> None:
     """A one-line error naming emb.dims.<feature> unless `dims` gives one fbgemm-aligned width
-    in [ALIGN, dim] per block of `bounds`."""
+    in [ALIGN, dim] per block of `bounds`, none wider than the block before it (frequent ids wide,
+    rare ids narrow: then each width is one block of the table, one slot of its projection)."""
     if len(dims) != len(bounds) - 1 or not all(0 < d <= table.dim and d % ALIGN == 0 for d in dims):
         raise ValueError(
             f"emb.dims.{table.features[0]}={dims}: needs {len(bounds) - 1} widths, multiples of "
             f"{ALIGN} in [{ALIGN}, {table.dim}] (blocks of ranks {bounds})"
+        )
+    if any(b > a for a, b in zip(dims, dims[1:])):
+        raise ValueError(
+            f"emb.dims.{table.features[0]}={dims}: a block is wider than the one before it; widths "
+            "must stay or narrow from the most frequent ids to the rarest"
         )
 
 
@@ -234,7 +240,11 @@ class MDEEmbeddings(EmbeddingBackend):
         self.register_buffer("head_rank", cat(ranks, np.int32))
         self.register_buffer("head_row", cat(head_rows, np.int32))
         self.register_buffer("head_group", cat(head_groups, np.int8))
-        self.register_buffer("word_start", torch.tensor(np.concatenate([[0], np.cumsum(words)[:-1]]), dtype=torch.int64, device=device))
+        starts = np.concatenate([[0], np.cumsum(words)[:-1]])
+        # A table without head blocks reads word 0 (its ids >> 63 = 0) and masks the bit away.
+        self.register_buffer("word_start", torch.tensor(starts * (np.array(words) > 0), dtype=torch.int64, device=device))
+        self.register_buffer("word_shift", torch.tensor([5 if n else 63 for n in words], dtype=torch.int64, device=device))
+        self.register_buffer("has_head", torch.tensor([int(n > 0) for n in words], dtype=torch.int64, device=device))
         # The last block of table i: group tail_group[i], rows from tail_start[i], indexed by id.
         self.register_buffer("tail_group", torch.tensor([self.block_group[t.name][-1] for t in self.tables], device=device))
         self.register_buffer("tail_start", torch.tensor([self.block_start[t.name][-1] for t in self.tables], device=device))
@@ -298,10 +308,10 @@ class MDEEmbeddings(EmbeddingBackend):
         group = self.tail_group.index_select(0, table)
         rows = self.tail_start.index_select(0, table) + values
         if len(self.head_row):
-            word = self.word_start.index_select(0, table) + (values >> 5)
+            word = self.word_start.index_select(0, table) + (values >> self.word_shift.index_select(0, table))
             bits = self.head_bits.index_select(0, word).long() & 0xFFFFFFFF
             bit = values & (WORD_BITS - 1)
-            hit = ((bits >> bit) & 1).bool()
+            hit = ((bits >> bit) & self.has_head.index_select(0, table)).bool()
             rank = self.head_rank.index_select(0, word).long() + _popcount32(bits & ((1 << bit) - 1))
             rank = rank.clamp_(max=len(self.head_row) - 1)  # a miss may point one past the last
             group = torch.where(hit, self.head_group.index_select(0, rank).long(), group)
