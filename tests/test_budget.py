@@ -163,6 +163,25 @@ def test_hybrid_global_allocation_fits_with_one_count_threshold(tmp_path, caplog
         plan(CAPPED, "hybrid", 1000).tables)
 
 
+def test_hybrid_global_fits_mild_budgets_on_tables_of_mostly_unseen_ids(tmp_path, caplog):
+    """When every id seen in training is hot and the budget is still not filled (big tables, few
+    training rows: most ids never seen), the plan grows the hashed rows instead of overshooting."""
+    tables = [TableSpec("t_C1", 400_000, 16, ("C1",)), TableSpec("t_C2", 300, 16, ("C2",))]
+    for t in tables:  # ids past 3000 never seen
+        np.save(tmp_path / f"{t.features[0]}.npy", (2e5 / (np.arange(t.rows) + 1.0) ** 1.05).astype(np.int64) * (np.arange(t.rows) < 3000))
+    full = sum(t.full_bytes() for t in tables)
+    for budget in (2, 10, 100):
+        with caplog.at_level("WARNING", logger="dlrm.embeddings.budget"):
+            p = plan(tables, "hybrid", budget, allocation="global", hot_share=0.9, counts=str(tmp_path))
+        assert budget * (1 - TOLERANCE) <= p.ratio <= budget * (1 + TOLERANCE), (budget, p.ratio)
+        hot, buckets = p.cfg.hot_rows["C1"], p.cfg.buckets["C1"]
+        if budget < 100:  # every seen id exact, and more hashed rows than hot_share's 1 in 10
+            assert hot == 3000 and buckets > hot
+        emb = build_embeddings(tables, p.cfg, ADAGRAD, CPU)
+        assert emb.embedding_bytes() == p.planned_bytes and full / emb.embedding_bytes() == pytest.approx(p.ratio)
+    assert "overshoots" not in caplog.text
+
+
 def test_hybrid_global_allocation_needs_counts_and_a_budget():
     with pytest.raises(ValueError, match="emb.allocation=global needs per-id counts"):
         plan(CAPPED, "hybrid", 100, allocation="global")

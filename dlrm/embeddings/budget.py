@@ -58,6 +58,7 @@ INF = math.inf
 # times full's at 10x (docs/benchmarks.md).
 MAX_TT_RANK = 64
 NOTHING = 1 << 62  # emb.min_rows that compresses no table
+GLOBAL_LOWEST = 2.0**-40  # hybrid global's c below 1 grows the hashed rows (_hybrid_global)
 # Per-table knobs the budget writes; a config that also sets one of them is an error.
 KNOBS = {"hashed": ("buckets",), "qr": ("m",), "hybrid": ("hot_rows", "buckets"), "tt": ("shapes",), "mde": ("dims",)}
 
@@ -140,7 +141,7 @@ def plan_budget(
     best = full / total(chosen, INF)
     if best < budget * (1 - TOLERANCE):
         raise BudgetUnreachable(budget, name, best, "every table compressed to its smallest")
-    c = _fit(lambda c: total(chosen, c), target)
+    c = _fit(lambda c: total(chosen, c), target, lo=GLOBAL_LOWEST if _global(name, settings) else 1.0)
     if full / total(chosen, c) > budget * (1 + TOLERANCE):
         # Even the mildest setting of every chosen table overshoots (TT's largest rank, MDE's
         # widest blocks): compress only the largest few instead, as few as fit.
@@ -164,10 +165,10 @@ def plan_budget(
     return Plan(_with(cfg, tables=list(knobs), **_knob_keys(name, knobs, settings)), list(knobs), used, full / used)
 
 
-def _fit(total: Callable[[float], int], target: float) -> float:
-    """The smallest per-table ratio c >= 1 with total(c) <= target (bisection on log c; total
+def _fit(total: Callable[[float], int], target: float, lo: float = 1.0) -> float:
+    """The smallest per-table ratio c >= `lo` with total(c) <= target (bisection on log c; total
     falls as c grows); inf if only the smallest settings fit."""
-    lo, hi = 1.0, 1e15
+    hi = 1e15
     if total(lo) <= target:
         return lo
     if total(hi) > target:
@@ -294,7 +295,13 @@ def _hybrid_global(settings: DictConfig, row: Callable[[int], int], runtime: Run
     B = ceil(H (1 - hot_share) / hot_share) >= 1 hashed rows for the rest. The budget thus goes to
     the most frequent ids of all tables, as CAFE's global hot threshold does (Zhang et al., SIGMOD
     2024), instead of the same share of every table's rows (`allocation=table`). A table whose
-    every id would be hot, or that would not shrink, keeps its full rows (knob None).""" 
+    every id would be hot, or that would not shrink, keeps its full rows (knob None).
+
+    Below c = 1 the threshold cannot fall further (every id seen in the train split is hot
+    already; the rest were never seen), so there c grows the hashed rows instead: B rises from its
+    c = 1 size to every cold id's own row as c falls to 0. A mild budget on tables whose ids are
+    mostly unseen (40M-row tables, 2M training rows) then spends its memory on fewer collisions
+    rather than overshooting (12.4x for "10x" before)."""
     share = float(settings.hot_share)
     if not 0 < share <= 1:
         raise ValueError(f"emb.hot_share={share!r}: emb.allocation=global needs a share in (0, 1]")
@@ -307,8 +314,10 @@ def _hybrid_global(settings: DictConfig, row: Callable[[int], int], runtime: Run
         if t.name not in cache:
             cache[t.name] = np.sort(frequency_order(t, source)[1])  # ascending counts
         counts = cache[t.name]
-        hot = 0 if c == INF else _at_least(counts, c)
+        hot = 0 if c == INF else _at_least(counts, max(c, 1.0))
         buckets = max(1, math.ceil(hot * (1 - share) / share))
+        if c < 1:  # more hashed rows, up to one per cold id at c = 0
+            buckets += round((1 - c) * max(0, t.rows - hot - buckets))
         used, full = (hot + buckets) * row(t.dim) + 8 * hot, t.rows * row(t.dim)
         return (full, None) if hot >= t.rows or used >= full else (used, (hot, buckets))
     return cost
