@@ -141,7 +141,7 @@ def plan_budget(
     best = full / total(chosen, INF)
     if best < budget * (1 - TOLERANCE):
         raise BudgetUnreachable(budget, name, best, "every table compressed to its smallest")
-    c = _fit(lambda c: total(chosen, c), target, lo=GLOBAL_LOWEST if _global(name, settings) else 1.0)
+    c = _fit(lambda c: total(chosen, c), target)
     if full / total(chosen, c) > budget * (1 + TOLERANCE):
         # Even the mildest setting of every chosen table overshoots (TT's largest rank, MDE's
         # widest blocks): compress only the largest few instead, as few as fit.
@@ -151,6 +151,10 @@ def plan_budget(
                 chosen = by_size[:k]
                 c = _fit(lambda c: total(chosen, c), target)
                 break
+    if full / total(chosen, c) > budget * (1 + TOLERANCE) and _global(name, settings):
+        # hybrid global: still too small with every seen id hot; below c = 1 the chosen tables
+        # get more hashed rows instead (_hybrid_global)
+        c = _fit(lambda c: total(chosen, c), target, lo=GLOBAL_LOWEST)
     knobs = {t.features[0]: cost(t, c)[1] for t in chosen}
     knobs = {f: k for f, k in knobs.items() if k is not None}  # None: the table stays full
     if full / total(chosen, c) > budget * (1 + TOLERANCE):
