@@ -13,7 +13,7 @@ queue), as in a run.
 `--against` builds a second Trainer with the extra overrides and times both on the same held
 batches, alternating A B B A per batch, so a shared machine's drift hits both alike (each step
 then starts with the other model's data in the caches, which slows the faster model relatively
-more: the ratio is a lower bound; MDE measured 1.24x so and 1.6-1.8x in separate runs); it prints
+more: the ratio is a lower bound; the fifth session's MDE measured 1.24x so and 1.6-1.8x in separate runs); it prints
 each one's median and minimum step, the ratio of the medians, and the voluntary context switches
 per step (`ru_nvcsw`: hundreds per step mean OpenMP threads are put to sleep, docs/benchmarks.md),
 the minor page faults per step (`ru_minflt`: thousands mean freed buffers went back to the OS,
