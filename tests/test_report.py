@@ -131,6 +131,26 @@ def test_a_config_key_added_later_as_null_keeps_runs_comparable(tmp_path: Path):
     assert cached["auc_diff_vs_full"] == pytest.approx(-0.01)
 
 
+def test_runs_with_and_without_huge_pages_are_separate_groups_against_one_baseline(tmp_path: Path):
+    """DLRM_HUGE_PAGES is an environment variable, not config: results.json's `huge_pages` keeps
+    such runs apart (their step times differ), and both compare to the full baseline (their
+    AUCs do not depend on it), the one measured the same way."""
+    for seed in (1, 2):
+        for job, (backend, huge, auc) in enumerate([("full", True, 0.70), ("full", False, 0.70),
+                                                    ("hashed", True, 0.69), ("hashed", False, 0.68)]):
+            results = {"backend": backend, "auc": auc + seed / 1000, "steps": 10, "huge_pages": huge,
+                       "step_time_ms": 2.0 if huge else 3.0}
+            make_run(tmp_path, 10 * seed + job, backend=backend, seed=seed, results=results,
+                     knobs={"compression": 4} if backend == "hashed" else {})
+    groups = report.group_runs([report.load_run(p) for p in report.find_run_dirs(tmp_path)])
+    assert len(groups) == 4 and set(groups["n_seeds"]) == {2}
+    for huge in (True, False):
+        hashed = _row(groups, "hashed", f"compression=4 env.huge_pages={huge}")
+        assert hashed["auc_diff_vs_full"] == pytest.approx(-0.01 if huge else -0.02)
+        full_run = hashed["baseline_run"]
+        assert _row(groups, "full", f"env.huge_pages={huge}")["runs"].split()[0] == full_run
+
+
 def test_cli_writes_table_csv_and_png_and_lists_failures(sweep: Path, tmp_path: Path, capsys):
     import matplotlib.image
 

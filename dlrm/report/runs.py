@@ -74,6 +74,11 @@ def _overrides_as_config(overrides: list) -> dict:
     return cfg
 
 
+# results.json keys that describe how a run was measured, not what it trained, and the name the
+# report groups them under (knobs show it as e.g. `env.huge_pages=False`).
+MEASURED_UNDER = {"huge_pages": "env.huge_pages"}
+
+
 def load_run(path: Path) -> Run:
     run = Run(path)
     hydra_dir = path / ".hydra"
@@ -108,6 +113,11 @@ def load_run(path: Path) -> Run:
         run.reason = "results.json has no numeric 'auc'"
         return run
     run.results = results
+    # How the run was measured, where it is not in its config (an environment variable): runs
+    # that differ in it are not one group's seeds (their step times are not comparable).
+    for key, config_key in MEASURED_UNDER.items():
+        if key in results:
+            run.config[config_key] = results[key]
     return run
 
 
