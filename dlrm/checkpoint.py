@@ -119,15 +119,29 @@ _NUMPY_GLOBALS.append(_reconstruct)
 _UNSAFE = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def load(path: Path) -> dict:
-    """A checkpoint as saved, read weights-only: tensors and plain data, no code.
+def precheck(source: str | Path, config: dict, meta, data_path: Path) -> Path:
+    """Check a resume before the model is built (tens of seconds for big tables): the newest
+    checkpoint of `source` must have been written with this run's settings (`config`, the
+    resolved run config) on this dataset (`meta`, its DatasetMeta, at `data_path`). Reads the
+    checkpoint memory-mapped, so its tensors are not loaded. Raises what `find`, `load`,
+    `check_config` and `check_dataset` raise (one line each); returns the checkpoint checked."""
+    path = find(source, None)  # every checkpoint of a run holds the same config and dataset
+    ckpt = load(path, mmap=True)
+    check_config(ckpt["config"], config, path)
+    check_dataset(ckpt.get("dataset"), dataset_identity(meta), path, data_path)
+    return path
+
+
+def load(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint as saved, read weights-only: tensors and plain data, no code (`mmap`: its
+    tensors memory-mapped from the file, read only when touched).
 
     Raises ValueError (one line naming the file and what it holds) for a checkpoint holding any
     other object, and for a file that is not a checkpoint at all.
     """
     try:
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         m = _UNSAFE.search(str(e))
         if m is None:  # garbage, not a pickle of ours

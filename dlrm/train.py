@@ -149,6 +149,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     unfolded = {f: n for f, n in eval_data.meta.cardinalities.items() if f not in eval_data.max_rows}
     check_id_ranges(eval_data.files, unfolded, cfg.data.eval_split)
     cardinalities = {f: train_data.cardinalities[f] for f in SPARSE}
+    if resume and not env.distributed:  # a checkpoint of other settings fails now, not after the build
+        checkpoint.precheck(resume, OmegaConf.to_container(cfg, resolve=True), train_data.meta, train_data.path)
     if not resume:  # the first batches are read while the tables are initialized
         train_data.start(0)
     try:

@@ -61,8 +61,14 @@ def test_resume_across_an_epoch_boundary_and_from_a_file(compose_cfg, tiny_datas
     assert _metrics(resumed) == pytest.approx(_metrics(straight), abs=1e-6)
 
 
-def test_resume_refuses_other_settings_and_missing_checkpoints(compose_cfg, tiny_dataset, tmp_path):
+def test_resume_refuses_other_settings_and_missing_checkpoints(compose_cfg, tiny_dataset, tmp_path, monkeypatch):
     run(compose_cfg("trainer.max_steps=3", "trainer.checkpoint_every=3"), tmp_path / "first")
+    import dlrm.train
+
+    def not_built(*args, **kwargs):
+        raise AssertionError("the model was built before the checkpoint's settings were checked")
+
+    monkeypatch.setattr(dlrm.train, "build_model", not_built)
     with pytest.raises(ValueError, match=r"other settings for \['model'\]"):
         run(
             compose_cfg("trainer.max_steps=6", "model.top_mlp=[32,1]", f"trainer.resume={tmp_path / 'first'}"),
