@@ -48,26 +48,27 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class _PairwiseDots(torch.autograd.Function):
     """`t [B, N, D] -> z [B, N(N-1)/2]`, the strict upper triangle of `t @ t^T`, row-major.
 
-    Backward scatters the incoming gradient once into a flat `[B, N*N]` buffer (one `index_copy_`
-    along a contiguous dim) and returns `(G + G^T) @ t`: one more `bmm`, instead of autograd's
-    advanced-index `index_put_` (accumulating, sort-based on CPU) plus two `bmm`s.
+    Backward builds the symmetric gradient `G + G^T` `[B, N, N]` in one gather (`index_select`
+    of the incoming gradient, with a leading zero column for the diagonal, by `sym_index`) and
+    returns `(G + G^T) @ t`: one `bmm`, instead of autograd's advanced-index `index_put_`
+    (accumulating, sort-based on CPU) plus two `bmm`s, and without zero-filling a `[B, N*N]`
+    buffer and adding its transpose (bit-identical: no element of it is a sum of two).
     """
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(t, flat_index)
+    def forward(ctx, t: torch.Tensor, flat_index: torch.Tensor, sym_index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(t, sym_index)
         z = torch.bmm(t, t.transpose(1, 2))  # [B, N, N]
         # explicit N*N, not -1: an empty batch (B = 0, a rank's eval padding) must reshape too
         return z.view(t.shape[0], t.shape[1] ** 2).index_select(1, flat_index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        t, flat_index = ctx.saved_tensors
+        t, sym_index = ctx.saved_tensors
         b, n, _ = t.shape
-        g = torch.zeros(b, n * n, dtype=t.dtype, device=t.device)
-        g.index_copy_(1, flat_index, grad.to(t.dtype))
-        g = g.view(b, n, n)
-        return torch.bmm(g + g.transpose(1, 2), t), None
+        padded = torch.cat([grad.new_zeros(b, 1, dtype=t.dtype), grad.to(t.dtype)], dim=1)  # [B, 1 + P]
+        g = padded.index_select(1, sym_index).view(b, n, n)  # (i, j) and (j, i): pair's gradient
+        return torch.bmm(g, t), None, None
 
 
 class DotInteraction(nn.Module):
@@ -85,12 +86,17 @@ class DotInteraction(nn.Module):
         n = num_sparse_features + 1
         rows, cols = torch.triu_indices(n, n, offset=1)
         self.register_buffer("flat_index", rows * n + cols, persistent=False)
+        # per (i, j) of [N, N]: 1 + the index of pair {i, j} in the output, 0 on the diagonal
+        sym = torch.zeros(n * n, dtype=torch.int64)
+        pair = torch.arange(1, rows.numel() + 1)
+        sym[rows * n + cols], sym[cols * n + rows] = pair, pair
+        self.register_buffer("sym_index", sym, persistent=False)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=dense.device.type, enabled=False):
             dense = dense.float()
             t = torch.cat([dense.unsqueeze(1), sparse.float()], dim=1)  # [B, F+1, D]
-            return torch.cat([dense, _PairwiseDots.apply(t, self.flat_index)], dim=1)
+            return torch.cat([dense, _PairwiseDots.apply(t, self.flat_index, self.sym_index)], dim=1)
 
 
 class DLRM(nn.Module):

@@ -117,7 +117,7 @@ def dense_in_fp64(model) -> None:
     def dense_forward(dense, embedded):
         d = model.dense_arch(dense.double())
         t = torch.cat([d.unsqueeze(1), embedded.double()], dim=1)
-        x = torch.cat([d, _PairwiseDots.apply(t, model.inter_arch.flat_index)], dim=1)
+        x = torch.cat([d, _PairwiseDots.apply(t, model.inter_arch.flat_index, model.inter_arch.sym_index)], dim=1)
         return model.over_arch(x).squeeze(1)
 
     model.dense_forward = dense_forward

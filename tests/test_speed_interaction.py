@@ -47,7 +47,7 @@ def test_gradcheck():
         from dlrm.model import _PairwiseDots
 
         t = torch.cat([x.unsqueeze(1), y], 1)
-        return torch.cat([x, _PairwiseDots.apply(t, inter.flat_index)], 1)
+        return torch.cat([x, _PairwiseDots.apply(t, inter.flat_index, inter.sym_index)], 1)
 
     assert torch.autograd.gradcheck(fn, (dense, sparse))
 
