@@ -303,9 +303,10 @@ def _hybrid_global(settings: DictConfig, row: Callable[[int], int], runtime: Run
 
     Below c = 1 the threshold cannot fall further (every id seen in the train split is hot
     already; the rest were never seen), so there c grows the hashed rows instead: B rises from its
-    c = 1 size to every cold id's own row as c falls to 0. A mild budget on tables whose ids are
-    mostly unseen (40M-row tables, 2M training rows) then spends its memory on fewer collisions
-    rather than overshooting (12.4x for "10x" before)."""
+    c = 1 size to every cold id's own row as c falls to 0. `plan_budget` goes there only when
+    compressing fewer tables still overshoots: a mild budget on tables whose ids are mostly unseen
+    (40M-row tables, 2M training rows) then spends its memory on fewer collisions rather than
+    overshooting (12.4x for "10x" before)."""
     share = float(settings.hot_share)
     if not 0 < share <= 1:
         raise ValueError(f"emb.hot_share={share!r}: emb.allocation=global needs a share in (0, 1]")

@@ -166,7 +166,7 @@ class MDEEmbeddings(EmbeddingBackend):
         if not ALIGN <= min_dim <= dim or min_dim % ALIGN:
             raise ValueError(f"emb.min_dim={min_dim!r}: must be a multiple of {ALIGN} in [{ALIGN}, emb.dim={dim}]")
         shared = [t.name for t in self.tables if len(t.features) != 1]
-        if shared:  # virtual features are numbered feature-major, one feature per table
+        if shared:  # a batch's features are its tables, in order (the routing relies on it)
             raise ValueError(f"emb=mde: tables {shared} are shared by several features; mde takes one feature per table")
         dims_given = _dims_overrides(cfg.dims, self.tables)
 
@@ -220,20 +220,19 @@ class MDEEmbeddings(EmbeddingBackend):
         for t, (order, bounds), n_words in zip(self.tables, plans, words):
             if not n_words:
                 continue
+            blocks = list(zip(bounds[:-2], bounds[1:-1]))
+            ids = [np.sort(order[a:b]) for a, b in blocks]  # block rows are numbered by sorted id
+            place = [self.block_start[t.name][k] + np.arange(len(i)) for k, i in enumerate(ids)]  # row in its width group
+            group = [np.full(len(i), self.block_group[t.name][k], np.int8) for k, i in enumerate(ids)]
+            ids = np.concatenate(ids)
+            by_id = np.argsort(ids)  # rank j = the j-th smallest head id of the table
+            head_rows.append(np.concatenate(place)[by_id])
+            head_groups.append(np.concatenate(group)[by_id])
             head = np.zeros(n_words * WORD_BITS, dtype=bool)
-            place = np.zeros(t.rows, dtype=np.int64)  # row in its width group, per head id
-            group = np.zeros(t.rows, dtype=np.int8)
-            for k, (a, b) in enumerate(zip(bounds[:-2], bounds[1:-1])):
-                ids = np.sort(order[a:b])  # block rows are numbered by sorted id
-                head[ids] = True
-                place[ids] = self.block_start[t.name][k] + np.arange(len(ids))
-                group[ids] = self.block_group[t.name][k]
+            head[ids] = True
             bits.append(np.packbits(head, bitorder="little").view(np.int32))
             per_word = head.reshape(n_words, WORD_BITS).sum(1)
             ranks.append(done + np.concatenate([[0], np.cumsum(per_word)[:-1]]))
-            ids = head.nonzero()[0]
-            head_rows.append(place[ids])
-            head_groups.append(group[ids])
             done += len(ids)
         cat = lambda parts, dtype: torch.from_numpy(np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)).to(device)
         self.register_buffer("head_bits", cat(bits, np.int32))
@@ -365,8 +364,9 @@ class MDEEmbeddings(EmbeddingBackend):
         return [self._optimizer] if self._optimizer is not None else []
 
     def embedding_bytes(self) -> int:
-        """Block tables with their fused optimizer state, the head-id index (16 bytes per head id),
-        the projections and their optimizer state."""
+        """Block tables with their fused optimizer state, the head-id index (bitmap words and
+        their ranks, 8 bytes per 32 ids of a table with head blocks; 5 bytes per head id), the
+        projections and their optimizer state."""
         total = sum(tbe_bytes(m) for m in self.width_tables)
         total += sum(b.numel() * b.element_size() for b in (self.head_bits, self.head_rank, self.head_row, self.head_group))
         state = self._optimizer.state if self._optimizer is not None else {}
