@@ -240,9 +240,8 @@ class MDEEmbeddings(EmbeddingBackend):
         self.register_buffer("head_row", cat(head_rows, np.int32))
         self.register_buffer("head_group", cat(head_groups, np.int8))
         starts = np.concatenate([[0], np.cumsum(words)[:-1]])
-        # A table without head blocks reads word 0 (its ids >> 63 = 0) and masks the bit away.
+        # A table without head blocks reads word 0 (word index times has_head = 0) and masks the bit away.
         self.register_buffer("word_start", torch.tensor(starts * (np.array(words) > 0), dtype=torch.int64, device=device))
-        self.register_buffer("word_shift", torch.tensor([5 if n else 63 for n in words], dtype=torch.int64, device=device))
         self.register_buffer("has_head", torch.tensor([int(n > 0) for n in words], dtype=torch.int64, device=device))
         # The last block of table i: group tail_group[i], rows from tail_start[i], indexed by id.
         self.register_buffer("tail_group", torch.tensor([self.block_group[t.name][-1] for t in self.tables], device=device))
@@ -307,10 +306,11 @@ class MDEEmbeddings(EmbeddingBackend):
         group = self.tail_group.index_select(0, table)
         rows = self.tail_start.index_select(0, table) + values
         if len(self.head_row):
-            word = self.word_start.index_select(0, table) + (values >> self.word_shift.index_select(0, table))
+            has_head = self.has_head.index_select(0, table)
+            word = self.word_start.index_select(0, table) + (values >> 5) * has_head  # 2^5 = WORD_BITS
             bits = self.head_bits.index_select(0, word).long() & 0xFFFFFFFF
             bit = values & (WORD_BITS - 1)
-            hit = ((bits >> bit) & self.has_head.index_select(0, table)).bool()
+            hit = ((bits >> bit) & has_head).bool()
             rank = self.head_rank.index_select(0, word).long() + _popcount32(bits & ((1 << bit) - 1))
             rank = rank.clamp_(max=len(self.head_row) - 1)  # a miss may point one past the last
             group = torch.where(hit, self.head_group.index_select(0, rank).long(), group)
