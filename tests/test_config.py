@@ -27,6 +27,22 @@ def test_every_shipped_config_validates(overrides):
 
 
 @pytest.mark.parametrize(
+    "overrides, key, value",
+    [  # the per-table examples of the README and conf/emb/*.yaml, typed as shown (no `+`)
+        (("emb=hashed", "emb.buckets={C3:100000}"), "buckets", {"C3": 100000}),
+        (("emb=hybrid", "emb.hot_rows={C3:100000}", "emb.buckets={C3:50000}"), "hot_rows", {"C3": 100000}),
+        (("emb=qr", "emb.m={C3:5000}"), "m", {"C3": 5000}),
+        (("emb=mde", "emb.dims={C3:[16,8,4,4]}"), "dims", {"C3": [16, 8, 4, 4]}),
+    ],
+)
+def test_per_table_overrides_compose_as_documented(compose_cfg, overrides, key, value):
+    # a `{}` default would make Hydra refuse them (struct mode: "Key 'C3' is not in struct")
+    cfg = compose_cfg(*overrides)
+    validate(cfg)
+    assert cfg.emb[key] == value
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         ("trainer.precision=bf61", r"trainer.precision='bf61': choose one of"),
