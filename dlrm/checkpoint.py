@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dlrm.config import flatten
+
 from dlrm.io import atomic_path
 
 CHECKPOINT_DIR = "checkpoints"
@@ -218,10 +220,26 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
         hint = f" (its tables were written by the {kernel} kernel: add optim.sparse.kernel={kernel})" if (
             differ == ["optim"] and kernel != get(current, "optim.sparse.kernel")
         ) else ""
+        # the settings themselves, with both values: `model.top_mlp=[...] in the checkpoint, [32, 1] now`
+        keys = []
+        for k in differ:
+            a, b = flatten(strip(get(saved, k), k), k), flatten(strip(get(current, k), k), k)
+            keys += [(key, a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
+        shown = "; ".join(f"{key}={_shown(x)} in the checkpoint, {_shown(y)} now" for key, x, y in keys[:3])
+        more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
         raise ValueError(
-            f"{path}: checkpoint was written with other settings for {differ}; resume with the "
+            f"{path}: checkpoint was written with other settings: {shown}{more}; resume with the "
             f"same emb/model/optim/data settings, seed and batch size{hint}"
         )
+
+
+def _shown(value) -> str:
+    """A config value as typed on a command line (tuples from `flatten` as lists; unset as null)."""
+    if value is None:
+        return "null"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
 
 
 def check_table_kernel(saved: str | None, current: str, path: Path) -> None:

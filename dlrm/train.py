@@ -268,7 +268,7 @@ def summary(results: dict, out_dir: Path) -> str:
         f"embeddings {mb:,.1f} MB, compression {results['compression_ratio']:.1f}x "
         "(vs fp32 tables + row-wise Adagrad state)",
         f"{results['samples_per_s']:,.0f} samples/s, median step {results['step_time_ms']:.1f} ms, "
-        f"{steps} in {results['wall_s']:.0f} s",
+        f"{steps}, {results['wall_s']:.0f} s in all (start-up and evals included)",
         f"results: {out_dir / 'results.json'}",
         f"TensorBoard: tensorboard --logdir {out_dir}",
     ]

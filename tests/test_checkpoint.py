@@ -69,7 +69,8 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(compose_cfg, tiny
         raise AssertionError("the model was built before the checkpoint's settings were checked")
 
     monkeypatch.setattr(dlrm.train, "build_model", not_built)
-    with pytest.raises(ValueError, match=r"other settings for \['model'\]"):
+    # names the setting and both values, not only its group
+    with pytest.raises(ValueError, match=r"other settings: model.top_mlp=\[[0-9, ]+\] in the checkpoint, \[32, 1\] now; resume"):
         run(
             compose_cfg("trainer.max_steps=6", "model.top_mlp=[32,1]", f"trainer.resume={tmp_path / 'first'}"),
             tmp_path / "other",
@@ -113,12 +114,12 @@ def test_a_checkpoint_from_before_the_table_kernel_choice_names_the_kernel_to_re
 
     old = {"optim": {"dense": {"name": "adam"}, "sparse": {"name": "rowwise_adagrad", "lr": 0.1}}}
     now = {"optim": {"dense": {"name": "adam"}, "sparse": {"name": "rowwise_adagrad", "lr": 0.1, "kernel": "auto"}}}
-    with pytest.raises(ValueError, match=r"\['optim'\].*written by the fbgemm kernel: add optim.sparse.kernel=fbgemm"):
+    with pytest.raises(ValueError, match=r"optim.sparse.kernel=fbgemm in the checkpoint, auto now.*written by the fbgemm kernel: add optim.sparse.kernel=fbgemm"):
         check_config(old, now, tmp_path / "step-3.pt")
     now["optim"]["sparse"]["kernel"] = "fbgemm"
     check_config(old, now, tmp_path / "step-3.pt")  # the same kernel: resumes
     now["optim"]["sparse"]["lr"] = 0.5
-    with pytest.raises(ValueError, match=r"\['optim'\]; resume with the same [^(]*$"):
+    with pytest.raises(ValueError, match=r"optim.sparse.lr=0.1 in the checkpoint, 0.5 now; resume with the same [^(]*$"):
         check_config(old, now, tmp_path / "step-3.pt")  # another lr: no kernel hint
 
 

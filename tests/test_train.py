@@ -250,9 +250,9 @@ def test_summary_of_a_resumed_run_names_the_steps_it_trained(tmp_path):
 
     results = {"auc": 0.7, "logloss": 0.5, "ne": 0.9, "embedding_bytes": 2**20, "compression_ratio": 1.0,
                "samples_per_s": 1000.0, "step_time_ms": 10.0, "steps": 60, "wall_s": 13.0}
-    assert "60 steps in 13 s" in summary(results, tmp_path)
+    assert "60 steps, 13 s in all (start-up and evals included)" in summary(results, tmp_path)
     text = summary({**results, "resumed_from_step": 40}, tmp_path)
-    assert "1,000 samples/s, median step 10.0 ms, steps 41-60 (resumed at 40) in 13 s" in text
+    assert "1,000 samples/s, median step 10.0 ms, steps 41-60 (resumed at 40), 13 s in all" in text
 
 
 def test_a_misspelled_key_is_one_line_naming_the_closest_setting(tmp_path):

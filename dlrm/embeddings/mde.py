@@ -378,11 +378,19 @@ class MDEEmbeddings(EmbeddingBackend):
         return total
 
     def describe(self) -> str:
-        return "\n".join(
-            f"{t.name}: mde {t.rows} rows, blocks of {self.block_rows[t.name][:-1]} hot ids + all "
-            f"ids, widths {self.block_dims[t.name]} -> {t.dim}"
-            for t in self.tables
-        )
+        """Per table, e.g. `t_C3: mde 10131227 rows: the 179,576 most frequent ids 16 wide, the
+        rest 8 wide (narrow rows projected to 16)`."""
+        lines = []
+        for t in self.tables:
+            sizes, dims = self.block_rows[t.name][:-1], self.block_dims[t.name]
+            if not sizes:
+                lines.append(f"{t.name}: mde {t.rows} rows, all {dims[0]} wide")
+                continue
+            blocks = [f"the {sizes[0]:,} most frequent ids {dims[0]} wide"]
+            blocks += [f"the next {n:,} {d} wide" for n, d in zip(sizes[1:], dims[1:-1])]
+            blocks.append(f"the rest {dims[-1]} wide")
+            lines.append(f"{t.name}: mde {t.rows} rows: {', '.join(blocks)} (narrow rows projected to {t.dim})")
+        return "\n".join(lines)
 
 
 def _popcount32(x: torch.Tensor) -> torch.Tensor:
