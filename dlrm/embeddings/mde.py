@@ -414,7 +414,10 @@ def _dims_overrides(given, tables: list[TableSpec]) -> dict[str, list[int]]:
     for name, dims in given.items():
         t = resolve_table(str(name), tables, f"emb.dims.{name}")
         if t is None:
-            raise ValueError(f"emb.dims.{name}: no mde-compressed table or feature of that name")
+            raise ValueError(
+                f"emb.dims.{name}: no mde-compressed table or feature of that name (tables under "
+                "emb.min_rows stay full: name them in emb.tables to compress them)"
+            )
         if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
             raise ValueError(f"emb.dims.{name}={dims!r}: must be a list of integer widths, one per block")
         out[t.name] = dims
