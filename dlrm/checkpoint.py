@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from dlrm.config import flatten
-
 from dlrm.io import atomic_path
 
 CHECKPOINT_DIR = "checkpoints"

@@ -338,17 +338,15 @@ class MDEEmbeddings(EmbeddingBackend):
             ids = (group == g).nonzero().squeeze(1)
             into = ids if one_hot else bag.index_select(0, ids)  # key-major bags: feature * B + row
             if w == dim:
-                out = rows.new_zeros((b * f, dim), dtype=torch.float32)
                 into = (into % b) * f + into // b  # batch-major: row * F + feature
-            else:
-                narrow.append(rows.new_zeros((f * b, w), dtype=torch.float32))
-            if ids.numel() == 0:  # fbgemm's kernel takes no empty batch
-                continue
-            got = tables(rows.index_select(0, ids), torch.arange(ids.numel() + 1, device=rows.device))  # [n_g, w]
+            pooled = rows.new_zeros((f * b, w), dtype=torch.float32)
+            if ids.numel():  # (fbgemm's kernel takes no empty batch)
+                got = tables(rows.index_select(0, ids), torch.arange(ids.numel() + 1, device=rows.device))  # [n_g, w]
+                pooled = pooled.index_add(0, into, got)
             if w == dim:
-                out = out.index_add(0, into, got)
+                out = pooled
             else:
-                narrow[-1] = narrow[-1].index_add(0, into, got)
+                narrow.append(pooled)
         out = out.view(b, f, dim) if out is not None else rows.new_zeros((b, f, dim), dtype=torch.float32)
         if narrow:
             stacked = torch.cat(list(self.projections.values()))  # [sum of narrow widths over tables, dim]
