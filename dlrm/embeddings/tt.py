@@ -5,7 +5,8 @@ small dense tensors; row i is the product of one slice per core (see tt_kernels.
 the tables stay `full`. The cores are ordinary parameters stepped by the optimizer that
 `optimizers()` returns (Adagrad by default): they are a few MB, so a dense step is cheap.
 
-Pure PyTorch (no fbgemm), so the same code runs on CPU and CUDA.
+No fbgemm: on CPU the lookup runs our C kernels (tt_native.py, built on first use; `emb.kernel`),
+elsewhere PyTorch ops (tt_autograd.py), so the same module runs on CPU and CUDA.
 
 Example::
 
@@ -38,6 +39,7 @@ from dlrm.embeddings.tt_kernels import (
     tt_rows_multi,
     tt_shape,
 )
+from dlrm.embeddings.tt_native import KERNELS, use_native
 from dlrm.options import Opt
 
 OPTIMIZERS = ("adagrad", "sgd")
@@ -50,6 +52,7 @@ TT_OPTIONS: dict[str, Opt] = {
     "optimizer": Opt(str, choices=OPTIMIZERS),
     "lr": Opt(float, min=0),
     "eps": Opt(float, min=0),
+    "kernel": Opt(str, choices=KERNELS),
 }
 SHAPE_KEYS = {"rows", "dims", "ranks"}
 
@@ -122,6 +125,9 @@ class TTEmbeddings(EmbeddingBackend):
             }
         )
         self.optimizer_name = cfg.optimizer
+        self.kernel = cfg.kernel
+        # emb.kernel=native: fail here, naming why, not at the first batch
+        use_native(self.kernel, next(self.cores.parameters()))
         lr = float(cfg.lr)
         params = list(self.cores.parameters())
         # fused: one pass per tensor; for the 7 Kaggle tables at rank 32 (2.3M entries) the fused
@@ -192,7 +198,9 @@ class TTEmbeddings(EmbeddingBackend):
         keys, inverse = torch.unique(table * stride + ids, sorted=True, return_inverse=True)
         shapes = [self.shapes[t.name] for t in self.tables]
         cores = [list(self.cores[t.name]) for t in self.tables]
-        rows = tt_rows_multi(cores, shapes, keys // stride, keys % stride, stacked=self.stacked_cores())
+        rows = tt_rows_multi(
+            cores, shapes, keys // stride, keys % stride, stacked=self.stacked_cores(), kernel=self.kernel
+        )
         pooled = pool(rows, inverse, features.offsets(), self.pooling)  # [F * B, D], key-major
         batch, dim = features.stride(), shapes[0].dim
         width = len(self.features) * dim  # explicit: an empty batch (a rank's share) has B = 0
@@ -224,7 +232,7 @@ class TTEmbeddings(EmbeddingBackend):
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` ([n] int64, distinct, in range) of table `name` from its cores: [n, dim],
         differentiable with respect to the cores (call under no_grad to only read them)."""
-        return tt_rows(list(self.cores[name]), self.shapes[name], ids)
+        return tt_rows(list(self.cores[name]), self.shapes[name], ids, kernel=self.kernel)
 
     def table_bytes(self, table: TableSpec) -> int:
         """Cores of `table` plus the optimizer state kept for them."""

@@ -11,10 +11,12 @@ Example::
     cores = init_cores(shape)
     pooled = tt_embedding_bag(cores, shape, ids, offsets, "sum")  # [bags, 16]
 
-The fast lookup (`tt_rows`) computes each distinct id once, shares the partial product of the
-leading cores between ids with the same leading digits, and runs each later core as batched
-GEMMs over chunks of prefixes grouped by digit instead of copying an `r x q x r` slice per id
-(the plan and the forward/backward kernels: tt_autograd.py). `tt_rows_multi` does the same for
+The fast lookup (`tt_rows`) computes each distinct id once and shares the partial product of the
+leading cores between ids with the same leading digits. Each later core then runs either in our
+C kernels (tt_native.py: fp32 on CPU, `kernel="auto"|"native"`), which read every prefix's core
+slice in place, digit by digit, or in PyTorch ops (tt_autograd.py: CUDA, float64, or
+`kernel="torch"`) as batched GEMMs over chunks of prefixes grouped by digit instead of copying an
+`r x q x r` slice per id. `tt_rows_multi` does the same for
 several tables of equal ranks and dim factors in one lookup, their cores stacked (what `emb=tt`
 runs). `tt_rows_naive` is the per-id gather it replaces (kept as the reference for tests and
 the benchmark).
@@ -29,6 +31,7 @@ from itertools import combinations_with_replacement
 import torch
 
 from dlrm.embeddings.tt_autograd import TTRows, plan_levels
+from dlrm.embeddings.tt_native import TTRowsNative, use_native
 
 MAX_PADDING = 0.15  # automatic row factoring pads rows up by at most this fraction
 
@@ -274,6 +277,7 @@ def tt_rows_multi(
     local: torch.Tensor,
     method: str = "auto",
     stacked: list[torch.Tensor] | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Rows `[n, dim]` of the distinct `(table[i], local[i])` pairs, sorted by table then id, in
     range, from several tables in ONE lookup (differentiable in every table's cores).
@@ -283,9 +287,12 @@ def tt_rows_multi(
     instead of ~40 small ops per table. `table=None`: every id is in `shapes[0]`'s table.
     `stacked`: the tables' cores already stacked, each table's core a view of its rows there
     (TTEmbeddings keeps them so); without it they are concatenated here, a copy per call.
+    `kernel`: emb.kernel, C kernels or PyTorch ops (tt_native.use_native); `method` picks among
+    the PyTorch path's layouts.
 
     Raises:
         ValueError: the shapes differ in cores, dim factors or ranks.
+        NativeKernelError: `kernel="native"` where the C kernel cannot run.
     """
     first = shapes[0]
     if any((s.dim_factors, s.ranks) != (first.dim_factors, first.ranks) for s in shapes):
@@ -293,27 +300,41 @@ def tt_rows_multi(
     if local.numel() == 0:
         return cores[0][0].new_zeros(0, first.dim)
     digits, parents = _prefixes(shapes, table, local)
+    native = use_native(kernel, cores[0][0])
     if len(shapes) == 1:
+        if native:
+            return TTRowsNative.apply(digits, parents, first, None, *cores[0])
         levels = plan_levels(digits, parents, first.core_shapes, first.dim_factors, method)
         return TTRows.apply(levels, first, None, *cores[0])
     factors = tuple(sum(s.row_factors[k] for s in shapes) for k in range(first.cores))
     joint = TTShape(sum(s.padded_rows for s in shapes), factors, first.dim_factors, first.ranks)
-    levels = plan_levels(digits, parents, joint.core_shapes, joint.dim_factors, method)
     if stacked is None:
         joint_cores = [torch.cat([c[k] for c in cores]) for k in range(first.cores)]
+        if native:
+            return TTRowsNative.apply(digits, parents, joint, None, *joint_cores)
+        levels = plan_levels(digits, parents, joint.core_shapes, joint.dim_factors, method)
         return TTRows.apply(levels, joint, None, *joint_cores)
-    return TTRows.apply(levels, joint, list(stacked), *(c for table in cores for c in table))
+    params = (c for table in cores for c in table)
+    if native:
+        return TTRowsNative.apply(digits, parents, joint, list(stacked), *params)
+    levels = plan_levels(digits, parents, joint.core_shapes, joint.dim_factors, method)
+    return TTRows.apply(levels, joint, list(stacked), *params)
 
 
 def tt_rows(
-    cores: list[torch.Tensor], shape: TTShape, uid: torch.Tensor, method: str = "auto"
+    cores: list[torch.Tensor],
+    shape: TTShape,
+    uid: torch.Tensor,
+    method: str = "auto",
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Rows `[len(uid), dim]` of sorted, distinct, in-range ids `uid` (differentiable in cores).
 
-    `method`: "auto" (per core, see tt_autograd.plan_levels), "grouped" or "gather" (to
-    benchmark the choices).
+    `kernel`: "auto" (the C kernels on CPU where they build), "native" or "torch" (tt_native);
+    `method`: the PyTorch path's layout, "auto" (per core, see tt_autograd.plan_levels),
+    "grouped" or "gather" (to benchmark the choices).
     """
-    return tt_rows_multi([cores], [shape], None, uid, method)
+    return tt_rows_multi([cores], [shape], None, uid, method, kernel=kernel)
 
 
 def pool(

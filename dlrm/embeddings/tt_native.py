@@ -1,0 +1,209 @@
+"""TT lookup on CPU through our C kernels (native/tt_chain.c): the chain product one core at a time.
+
+The PyTorch path (tt_autograd.TTRows) runs each core as batched GEMMs of tiny matrices (rank 32:
+[8, 32] @ [32, 64] per digit chunk) plus the gathers and scatters that lay the prefixes out for
+them; on CPU that is mostly per-matrix call overhead (docs/benchmarks.md, "TT's C kernels").
+Here level k reads each distinct prefix's partial product and its digit's core slice in place,
+`store_k[i] = store_{k-1}[src[i]] @ core_k[digit[i]]`, and backward accumulates both gradients in
+the same loop: no gather copies, no padding, no plan beyond the digits and parents.
+
+The kernel is compiled on first use with the system C compiler (`$CC`, default `cc`;
+`-O3 -march=native`) into `~/.cache/dlrm/kernels` (`$XDG_CACHE_HOME` respected), keyed by the
+source, the flags and the CPU's flags, and loaded with ctypes (no Python headers, no torch headers:
+under a second to build). `emb.kernel` picks it (tt.yaml): `auto` uses it for fp32 CPU tensors when
+it builds (else the PyTorch path, with one warning), `native` requires it, `torch` never uses it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "tt_chain.c"
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu99", "-fopenmp"]
+KERNELS = ("auto", "native", "torch")
+
+
+class NativeKernelError(RuntimeError):
+    """The C kernel could not be built or loaded (the message says why: no compiler, its error)."""
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (-march=native builds for them), for the cache key."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "dlrm" / "kernels"
+
+
+@cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel (built once per source/flags/CPU, then loaded from the cache).
+
+    Raises NativeKernelError: no C compiler, or it failed (its first error line)."""
+    cc = os.environ.get("CC", "cc")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"tt_chain-{key}.so"
+    if not path.exists():
+        if shutil.which(cc) is None:
+            raise NativeKernelError(f"no C compiler ({cc!r} not on PATH; set $CC) to build {SOURCE.name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # build beside the target, then rename: a concurrent job never loads a half-written file
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            out = Path(tmp) / path.name
+            done = subprocess.run(
+                [cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, check=False
+            )
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
+                raise NativeKernelError(f"{cc} failed to build {SOURCE.name}: {first}")
+            os.replace(out, path)
+    lib = ctypes.CDLL(str(path))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.tt_level_forward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, ctypes.c_int]
+    lib.tt_level_forward.restype = None
+    lib.tt_level_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, ctypes.c_int]
+    lib.tt_order_by_digit.argtypes = [p, i64, i64, p, p]
+    lib.tt_order_by_digit.restype = None
+    lib.tt_level_backward.restype = None
+    lib.tt_level_layout.argtypes = [i64, i64]
+    lib.tt_level_layout.restype = ctypes.c_int
+    return lib
+
+
+def _slices(lib: ctypes.CDLL, core: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Core `[p, r, q, r']` as the kernel reads it: `[p, r, q r']`, or `[p, q r', r]` (a transposed
+    copy: True) for a level whose q r' is below 8 (the last core), which vectorizes along r."""
+    p, r, q, r2 = core.shape
+    if lib.tt_level_layout(r, q * r2) == -1:
+        return core.reshape(p, r, q * r2).transpose(1, 2).contiguous(), True
+    return core, False
+
+
+def use_native(kernel: str, like: torch.Tensor) -> bool:
+    """Whether a lookup on tensors like `like` runs the C kernel under `emb.kernel=kernel`.
+
+    Raises ValueError for an unknown `kernel`, NativeKernelError when `native` is asked but the
+    kernel does not build or the tensors are not fp32 on CPU."""
+    if kernel not in KERNELS:
+        raise ValueError(f"emb.kernel={kernel!r}: choose one of {KERNELS}")
+    if kernel == "torch":
+        return False
+    fits = like.device.type == "cpu" and like.dtype == torch.float32
+    if kernel == "native":
+        if not fits:
+            raise NativeKernelError(f"emb.kernel=native runs fp32 CPU cores, got {like.dtype} on {like.device}")
+        library()
+        return True
+    if not fits:
+        return False
+    try:
+        library()
+    except NativeKernelError as e:
+        _warn_once(str(e))
+        return False
+    return True
+
+
+@cache
+def _warn_once(why: str) -> None:
+    log.warning("emb.kernel=auto: TT runs its PyTorch kernels (slower on CPU): %s", why)
+
+
+def _order_by_digit(lib: ctypes.CDLL, digit: torch.Tensor, p: int) -> torch.Tensor:
+    """Stable argsort of `digit` ([n] int64 in [0, p)) by a counting sort (torch.argsort: a full sort)."""
+    order = torch.empty_like(digit)
+    count = digit.new_empty(p + 1)
+    lib.tt_order_by_digit(_ptr(digit), digit.numel(), p, _ptr(count), _ptr(order))
+    return order
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class TTRowsNative(torch.autograd.Function):
+    """Rows `[n, dim]` of distinct ids from the cores, by the C kernels; the same contract as
+    tt_autograd.TTRows but planned by digits and parents only.
+
+    `apply(digits, parents, shape, stacked, *params)`: `digits[k]` ([n_k] int64) each distinct
+    length-(k+1) prefix's row in core k, `parents[k]` (k >= 1) its length-k prefix's index
+    (tt_kernels._prefixes); `shape` gives `core_shapes` and `dim` (one table's, or the joint shape
+    of stacked tables). `stacked=None`: `params` are the d cores; else `stacked` holds them and
+    `params` are the tables' own cores (views of it, table-major), as in TTRows.
+    """
+
+    @staticmethod
+    def forward(ctx, digits, parents, shape, stacked, *params):
+        lib, threads = library(), torch.get_num_threads()
+        cores = [c.contiguous() for c in (params if stacked is None else stacked)]
+        # The kernels trust their indices: digits of ids in [0, padded rows) are in range, and
+        # level 0's digits are sorted, so its ends say whether some id was not.
+        first = digits[0]
+        if first.numel() and (int(first[0]) < 0 or int(first[-1]) >= cores[0].shape[0]):
+            raise IndexError(f"TT ids outside the cores' {shape.padded_rows} rows")
+        srcs = [first.index_select(0, parents[1])] + list(parents[2:])
+        prev, Q = cores[0], shape.core_shapes[0][2]  # level 0's store: core 0 as [p_0, q_0, r_1]
+        levels = []  # per level after the first: (prev store, src, digit, order, slices, transposed)
+        for k in range(1, len(cores)):
+            p, r, q, r2 = cores[k].shape
+            src, digit = srcs[k - 1].long().contiguous(), digits[k].long().contiguous()
+            n = digit.numel()
+            order = _order_by_digit(lib, digit, p)  # by digit: each slice read once
+            slices, transposed = _slices(lib, cores[k])
+            out = prev.new_empty(n, Q * q, r2)
+            lib.tt_level_forward(
+                _ptr(prev), _ptr(slices), _ptr(src), _ptr(digit), _ptr(order), n, Q, r, q * r2, _ptr(out), threads
+            )
+            levels.append((prev, src, digit, order, slices, transposed))
+            prev, Q = out, Q * q
+        ctx.levels, ctx.cores = levels, cores
+        ctx.param_rows = [p.shape[0] for p in params] if stacked is not None else None
+        return prev.view(prev.shape[0], shape.dim)
+
+    @staticmethod
+    def backward(ctx, g_rows):
+        lib, threads = library(), torch.get_num_threads()
+        cores = ctx.cores
+        d = len(cores)
+        grads: list[torch.Tensor] = [g_rows] * d
+        g = g_rows.contiguous()  # the gradient of the current level's store
+        for k in range(d - 1, 0, -1):
+            prev, src, digit, order, slices, transposed = ctx.levels[k - 1]
+            p, r, q, r2 = cores[k].shape
+            Q = prev.numel() // (prev.shape[0] * r)
+            gprev = torch.zeros_like(prev)
+            gslices = torch.empty_like(slices)  # the kernel writes every slice
+            lib.tt_level_backward(
+                _ptr(prev), _ptr(slices), _ptr(src), _ptr(digit), _ptr(order), digit.numel(), p, Q, r, q * r2,
+                _ptr(g), _ptr(gprev), _ptr(gslices), prev.shape[0], threads,
+            )
+            grads[k] = (gslices.transpose(1, 2) if transposed else gslices).reshape(cores[k].shape)
+            g = gprev
+        grads[0] = g.view(cores[0].shape)
+        if ctx.param_rows is None:
+            return (None, None, None, None, *grads)
+        rows = ctx.param_rows  # per table, its rows of each stacked core's gradient (views)
+        split = [grads[k].split(rows[k::d]) for k in range(d)]
+        return (None, None, None, None, *(split[k][t] for t in range(len(rows) // d) for k in range(d)))

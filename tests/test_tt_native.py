@@ -1,0 +1,238 @@
+"""TT's C kernels (emb.kernel, dlrm/embeddings/tt_native.py): the same rows and core gradients as
+the per-id reference in float64, for every kernel layout; threads; the build and its failures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dlrm.config import ConfigError
+from dlrm.embeddings import TableSpec, tt_native
+from dlrm.embeddings.tt import TTEmbeddings
+from dlrm.embeddings.tt_kernels import (
+    init_cores,
+    tt_rows,
+    tt_rows_multi,
+    tt_rows_naive,
+    tt_shape,
+)
+from dlrm.embeddings.tt_native import NativeKernelError, use_native
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CPU = torch.device("cpu")
+SPARSE_OPTIM = OmegaConf.create({"name": "sgd", "lr": 0.05, "eps": 1e-8})
+
+
+def cores_of(shape, seed=0):
+    """fp32 cores (what the kernel runs) and float64 copies of them (the reference)."""
+    cores = init_cores(shape, torch.Generator().manual_seed(seed))
+    return [c.requires_grad_() for c in cores], [c.detach().double().requires_grad_() for c in cores]
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def check_against_reference(out, ref, params, ref_params, seed=0):
+    """Rows and every core's gradient within fp32 rounding of the float64 per-id reference."""
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert rel_err(out, ref) < 1e-5
+    got = torch.autograd.grad((out.double() * w).sum(), params)
+    want = torch.autograd.grad((ref * w).sum(), ref_params)
+    for g, g_ref in zip(got, want):
+        assert g.shape == g_ref.shape
+        assert rel_err(g, g_ref) < 1e-5
+
+
+# dim, cores, rank -> the layouts of the levels after the first (tt_chain.c's tt_level_layout):
+# rows kernels along J = q r' (NV = J / 8 in 1, 2, 4, 8, 16), cols along r (the last core,
+# J = q < 8), plain loops otherwise.
+LAYOUTS = [
+    (16, 3, 32, [8, -1]),  # the default: [2, 32] @ [32, 64], then the last core by columns
+    (16, 3, 8, [2, -1]),
+    (16, 2, 16, [-1]),  # two cores: the second is the last
+    (64, 3, 32, [16, -1]),
+    (16, 4, 8, [2, 2, -1]),  # q = (2, 2, 2, 2): four cores
+    (16, 3, 5, [0, 0]),  # rank 5: plain loops
+    (16, 3, 4, [1, 0]),  # J = 8: one vector
+]
+
+
+@pytest.mark.parametrize("dim, cores, rank, layouts", LAYOUTS)
+def test_rows_and_gradients_equal_the_per_id_reference(dim, cores, rank, layouts):
+    shape = tt_shape(20_000, dim, cores=cores, rank=rank)
+    lib = tt_native.library()
+    assert [lib.tt_level_layout(r, q * r2) for (_, r, q, r2) in shape.core_shapes[1:]] == layouts
+    params, ref_params = cores_of(shape)
+    gen = torch.Generator().manual_seed(1)
+    # a hot head (big digit groups, shared prefixes) and a uniform tail: enough prefixes that
+    # two threads split the levels (tt_chain.c: n >= 256 per thread)
+    ids = torch.cat([torch.randint(0, 300, (1500,), generator=gen), torch.randint(0, 20_000, (1500,), generator=gen)])
+    uid = torch.unique(ids)
+    out = tt_rows(params, shape, uid, kernel="native")
+    assert out.dtype == torch.float32 and out.shape == (len(uid), dim)
+    check_against_reference(out, tt_rows_naive(ref_params, shape, uid), params, ref_params)
+
+
+def test_stacked_tables_equal_the_reference():
+    """Several tables' cores stacked (what emb=tt runs): each table's rows and gradients."""
+    shapes = [tt_shape(n, 16, cores=3, rank=8) for n in (20_000, 3_000, 700)]
+    pairs = [cores_of(s, seed=i) for i, s in enumerate(shapes)]
+    gen = torch.Generator().manual_seed(5)
+    uids = [torch.unique(torch.randint(0, s.rows, (600,), generator=gen)) for s in shapes]
+    table = torch.cat([torch.full((len(u),), t) for t, u in enumerate(uids)])
+    out = tt_rows_multi([p for p, _ in pairs], shapes, table, torch.cat(uids), kernel="native")
+    ref = torch.cat([tt_rows_naive(r, s, u) for (_, r), s, u in zip(pairs, shapes, uids)])
+    flat = [c for p, _ in pairs for c in p]
+    flat_ref = [c for _, r in pairs for c in r]
+    check_against_reference(out, ref, flat, flat_ref)
+
+
+def test_threads_split_at_digit_boundaries_and_results_repeat():
+    """One and two threads agree to rounding (the second thread's parent gradients are summed
+    apart, then added); the same thread count gives the same bits every time."""
+    shape = tt_shape(50_000, 16, cores=3, rank=32)
+    params, _ = cores_of(shape)
+    gen = torch.Generator().manual_seed(2)
+    uid = torch.unique(torch.cat([torch.randint(0, 2000, (3000,), generator=gen),
+                                  torch.randint(0, 50_000, (3000,), generator=gen)]))
+    w = torch.randn(len(uid), 16, generator=gen)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            out = tt_rows(params, shape, uid, kernel="native")
+            results.setdefault(threads, []).append([out, *torch.autograd.grad((out * w).sum(), params)])
+    finally:
+        torch.set_num_threads(before)
+    (one,), (two, again) = results[1], results[2]
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(b, c)
+        assert rel_err(b, a) < 1e-6
+
+
+def test_backend_native_equals_torch_kernels_and_trains():
+    """Through TTEmbeddings (KJT in, fused stacked lookup, Adagrad on the cores): emb.kernel=native
+    and emb.kernel=torch give the same outputs and the same cores after three steps."""
+    tables = [TableSpec("t_A", 5000, 16, ("A",)), TableSpec("t_B", 900, 16, ("B1", "B2"))]
+    from tests.test_tt import emb_cfg, kjt, random_bags
+
+    built = {}
+    for kernel in ("native", "torch"):
+        torch.manual_seed(0)
+        emb = TTEmbeddings(tables, emb_cfg(rank=8, **{"emb.kernel": kernel}), SPARSE_OPTIM, CPU)
+        gen = torch.Generator().manual_seed(3)
+        outs = []
+        for _ in range(3):
+            feats = kjt(["A", "B1", "B2"], [random_bags(5000, 64, 3, gen), random_bags(900, 64, 3, gen),
+                                            random_bags(900, 64, 3, gen)])
+            out = emb(feats).values()
+            (out * out).sum().backward()
+            emb.optimizers()[0].step()
+            emb.optimizers()[0].zero_grad(set_to_none=True)
+            outs.append(out.detach())
+        built[kernel] = (outs, [p.detach().clone() for p in emb.parameters()])
+    for a, b in zip(built["native"][0], built["torch"][0]):
+        assert rel_err(a, b) < 1e-5
+    for a, b in zip(built["native"][1], built["torch"][1]):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_kernel_choice_and_errors():
+    cores = torch.zeros(3, 1, 2, 4)
+    assert use_native("auto", cores)
+    assert not use_native("torch", cores)
+    assert not use_native("auto", cores.double())  # float64 (tests, references): PyTorch ops
+    with pytest.raises(NativeKernelError, match="emb.kernel=native runs fp32 CPU cores, got torch.float64"):
+        use_native("native", cores.double())
+    with pytest.raises(ValueError, match="emb.kernel='fast'"):
+        use_native("fast", cores)
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose("config", overrides=["emb=tt", "emb.kernel=fast"]).emb
+    with pytest.raises(ConfigError, match="emb.kernel"):
+        TTEmbeddings([TableSpec("t_A", 5000, 16, ("A",))], cfg, SPARSE_OPTIM, CPU)
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """An empty kernel cache, and library() forgetting the kernel it loaded."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tt_native.library.cache_clear()
+    tt_native._warn_once.cache_clear()
+    yield tmp_path
+    tt_native.library.cache_clear()
+    tt_native._warn_once.cache_clear()
+
+
+def test_build_is_cached(fresh_build):
+    tt_native.library()
+    built = list((fresh_build / "cache" / "dlrm" / "kernels").glob("tt_chain-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    tt_native.library.cache_clear()
+    tt_native.library()  # loads the cached file, no rebuild
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_no_compiler_auto_warns_once_and_runs_pytorch_native_raises(fresh_build, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "no-such-cc")
+    shape = tt_shape(3000, 16, cores=3, rank=8)
+    params, ref_params = cores_of(shape)
+    uid = torch.arange(0, 3000, 7)
+    with caplog.at_level(logging.WARNING, logger="dlrm.embeddings.tt_native"):
+        out = tt_rows(params, shape, uid, kernel="auto")
+        tt_rows(params, shape, uid, kernel="auto")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "no C compiler ('no-such-cc' not on PATH" in warnings[0]
+    check_against_reference(out, tt_rows_naive(ref_params, shape, uid), params, ref_params)
+    with pytest.raises(NativeKernelError, match="no C compiler"):
+        tt_rows(params, shape, uid, kernel="native")
+
+
+def test_compiler_error_is_one_line_naming_it(fresh_build, monkeypatch):
+    cc = fresh_build / "broken-cc"
+    cc.write_text("#!/bin/sh\necho 'tt_chain.c:1: error: this compiler is broken' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    with pytest.raises(NativeKernelError, match=r"broken-cc failed to build tt_chain.c: tt_chain.c:1: error"):
+        tt_native.library()
+    assert not list((fresh_build / "cache" / "dlrm" / "kernels").glob("*.so"))  # nothing half-written
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("r, J", [(8, 16), (8, 4)])  # rows layout; cols layout (core transposed)
+def test_level_backward_writes_every_core_slice(threads, r, J):
+    """The core gradient comes uninitialized: the kernel zeroes the slices no prefix touched (before,
+    between and after the touched digits, in each thread's range) and writes the others."""
+    lib = tt_native.library()
+    gen = torch.Generator().manual_seed(0)
+    p, Q, n = 9, 2, 1200
+    prev = torch.randn(40, Q, r, generator=gen)
+    core = torch.randn(p, r, J, generator=gen)  # cols: read as [p, J, r]; same arithmetic below
+    digit = torch.tensor([2, 3, 6])[torch.randint(0, 3, (n,), generator=gen)]
+    src = torch.randint(0, 40, (n,), generator=gen)
+    gout = torch.randn(n, Q, J, generator=gen)
+    order = torch.argsort(digit, stable=True)
+    gcore = torch.full_like(core, float("nan"))
+    gprev = torch.zeros_like(prev)
+    ptr = tt_native._ptr
+    lib.tt_level_backward(ptr(prev), ptr(core), ptr(src), ptr(digit), ptr(order), n, p, Q, r, J,
+                          ptr(gout), ptr(gprev), ptr(gcore), prev.shape[0], threads)
+    a, g = prev[src].double(), gout.double()
+    if lib.tt_level_layout(r, J) == -1:  # core is [p, J, r]: gcore[d] += g^T a, gprev += g @ core[d]
+        want = torch.zeros(p, J, r, dtype=torch.float64).index_add_(0, digit, g.transpose(1, 2) @ a)
+        want_prev = torch.zeros_like(prev, dtype=torch.float64).index_add_(0, src, g @ core.view(p, J, r)[digit].double())
+    else:
+        want = torch.zeros(p, r, J, dtype=torch.float64).index_add_(0, digit, a.transpose(1, 2) @ g)
+        want_prev = torch.zeros_like(prev, dtype=torch.float64).index_add_(0, src, g @ core[digit].double().transpose(1, 2))
+    assert not gcore.isnan().any()
+    assert torch.equal(gcore[[0, 1, 4, 5, 7, 8]], torch.zeros_like(gcore[[0, 1, 4, 5, 7, 8]]))
+    assert rel_err(gcore.view_as(want), want) < 1e-5
+    assert rel_err(gprev, want_prev) < 1e-5
