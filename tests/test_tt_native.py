@@ -236,3 +236,30 @@ def test_level_backward_writes_every_core_slice(threads, r, J):
     assert torch.equal(gcore[[0, 1, 4, 5, 7, 8]], torch.zeros_like(gcore[[0, 1, 4, 5, 7, 8]]))
     assert rel_err(gcore.view_as(want), want) < 1e-5
     assert rel_err(gprev, want_prev) < 1e-5
+
+
+def test_plan_equals_the_pytorch_prefixes_and_rejects_ids_beyond_the_factors():
+    """One C pass gives the same distinct prefixes as tt_kernels._prefixes (PyTorch ops), for
+    stacked tables of different row factors; a key past a table's factors, of a table that does not
+    exist, or negative is an IndexError, never a read outside the cores."""
+    from dlrm.embeddings.tt_kernels import _prefixes
+
+    for cores in (2, 3, 4):
+        shapes = [tt_shape(n, 16, cores=cores, rank=8) for n in (20_000, 3_000, 700)]
+        gen = torch.Generator().manual_seed(cores)
+        uids = [torch.unique(torch.randint(0, s.rows, (500,), generator=gen)) for s in shapes]
+        table = torch.cat([torch.full((len(u),), t) for t, u in enumerate(uids)])
+        local = torch.cat(uids)
+        stride = max(s.padded_rows for s in shapes)
+        digits, srcs = tt_native.plan(shapes, table * stride + local, stride)
+        want_digits, parents = _prefixes(shapes, table, local)
+        assert [d.tolist() for d in digits] == [d.tolist() for d in want_digits]
+        assert srcs[0].tolist() == want_digits[0][parents[1]].tolist()
+        assert [s.tolist() for s in srcs[1:]] == [p.tolist() for p in parents[2:]]
+    shape = tt_shape(1000, 16, cores=3, rank=8)
+    params, _ = cores_of(shape)
+    for bad in (shape.padded_rows, -1):
+        with pytest.raises(IndexError, match="outside their tables' row factors"):
+            tt_rows(params, shape, torch.tensor([3, bad]).sort().values, kernel="native")
+    with pytest.raises(IndexError):
+        tt_native.plan([shape], torch.tensor([2 * shape.padded_rows + 1]), shape.padded_rows)

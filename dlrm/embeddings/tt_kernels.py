@@ -31,7 +31,7 @@ from itertools import combinations_with_replacement
 import torch
 
 from dlrm.embeddings.tt_autograd import TTRows, plan_levels
-from dlrm.embeddings.tt_native import TTRowsNative, use_native
+from dlrm.embeddings.tt_native import TTRowsNative, plan, use_native
 
 MAX_PADDING = 0.15  # automatic row factoring pads rows up by at most this fraction
 
@@ -299,26 +299,31 @@ def tt_rows_multi(
         raise ValueError(f"tt_rows_multi: tables differ in dim factors or ranks: {[str(s) for s in shapes]}")
     if local.numel() == 0:
         return cores[0][0].new_zeros(0, first.dim)
-    digits, parents = _prefixes(shapes, table, local)
     native = use_native(kernel, cores[0][0])
+    if native:  # (digits, srcs) in one C pass
+        stride = max(s.padded_rows for s in shapes)
+        index_plan = plan(shapes, local if table is None else table * stride + local, stride)
+    else:  # (digits, parents) in PyTorch ops
+        index_plan = _prefixes(shapes, table, local)
+    joint = first if len(shapes) == 1 else joint_shape(shapes)
     if len(shapes) == 1:
-        if native:
-            return TTRowsNative.apply(digits, parents, first, None, *cores[0])
-        levels = plan_levels(digits, parents, first.core_shapes, first.dim_factors, method)
-        return TTRows.apply(levels, first, None, *cores[0])
-    factors = tuple(sum(s.row_factors[k] for s in shapes) for k in range(first.cores))
-    joint = TTShape(sum(s.padded_rows for s in shapes), factors, first.dim_factors, first.ranks)
-    if stacked is None:
-        joint_cores = [torch.cat([c[k] for c in cores]) for k in range(first.cores)]
-        if native:
-            return TTRowsNative.apply(digits, parents, joint, None, *joint_cores)
-        levels = plan_levels(digits, parents, joint.core_shapes, joint.dim_factors, method)
-        return TTRows.apply(levels, joint, None, *joint_cores)
-    params = (c for table in cores for c in table)
+        stacked_arg, params = None, list(cores[0])
+    elif stacked is None:  # concatenated here: a copy per call
+        stacked_arg, params = None, [torch.cat([c[k] for c in cores]) for k in range(first.cores)]
+    else:
+        stacked_arg, params = list(stacked), [c for t in cores for c in t]
     if native:
-        return TTRowsNative.apply(digits, parents, joint, list(stacked), *params)
-    levels = plan_levels(digits, parents, joint.core_shapes, joint.dim_factors, method)
-    return TTRows.apply(levels, joint, list(stacked), *params)
+        return TTRowsNative.apply(*index_plan, joint, stacked_arg, *params)
+    levels = plan_levels(*index_plan, joint.core_shapes, joint.dim_factors, method)
+    return TTRows.apply(levels, joint, stacked_arg, *params)
+
+
+def joint_shape(shapes: list[TTShape]) -> TTShape:
+    """The shape of several tables' cores stacked along the row-factor axis (equal ranks and dim
+    factors): row factors summed per core, rows = the sum of the tables' padded rows."""
+    first = shapes[0]
+    factors = tuple(sum(s.row_factors[k] for s in shapes) for k in range(first.cores))
+    return TTShape(sum(s.padded_rows for s in shapes), factors, first.dim_factors, first.ranks)
 
 
 def tt_rows(

@@ -26,8 +26,12 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from dlrm.embeddings.tt_kernels import TTShape
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,8 @@ def library() -> ctypes.CDLL:
     lib.tt_level_forward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, ctypes.c_int]
     lib.tt_level_forward.restype = None
     lib.tt_level_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, ctypes.c_int]
+    lib.tt_plan.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p]
+    lib.tt_plan.restype = ctypes.c_int
     lib.tt_order_by_digit.argtypes = [p, i64, i64, p, p]
     lib.tt_order_by_digit.restype = None
     lib.tt_level_backward.restype = None
@@ -131,6 +137,28 @@ def _warn_once(why: str) -> None:
     log.warning("emb.kernel=auto: TT runs its PyTorch kernels (slower on CPU): %s", why)
 
 
+def plan(shapes: list[TTShape], keys: torch.Tensor, stride: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per level k, the distinct length-(k+1) id prefixes' rows in stacked core k (`digits[k]`) and,
+    for k >= 1, the rows of their parents in the previous level's store (`srcs[k - 1]`: core 0's
+    row at k = 1, the parent prefix's index after), in one C pass over `keys` ([n] int64, sorted,
+    distinct, table * stride + id) instead of ~25 small PyTorch ops (tt_kernels._prefixes).
+
+    Raises IndexError for a key that is not an id within its table's row factors."""
+    lib, d, n = library(), shapes[0].cores, keys.numel()
+    factors = torch.tensor([s.row_factors for s in shapes], dtype=torch.int64)  # [T, d]
+    offsets = torch.cumsum(factors, 0) - factors  # where table t's rows start in stacked core k
+    digit, src = keys.new_empty(d, n), keys.new_empty(d, n)
+    counts = keys.new_empty(d)
+    keys = keys.contiguous()
+    bad = lib.tt_plan(
+        _ptr(keys), n, stride, len(shapes), d, _ptr(factors), _ptr(offsets), _ptr(digit), _ptr(src), _ptr(counts)
+    )
+    if bad:
+        raise IndexError(f"TT ids outside their tables' row factors {[list(s.row_factors) for s in shapes]}")
+    counts = counts.tolist()
+    return [digit[k, : counts[k]] for k in range(d)], [src[k, : counts[k]] for k in range(1, d)]
+
+
 def _order_by_digit(lib: ctypes.CDLL, digit: torch.Tensor, p: int) -> torch.Tensor:
     """Stable argsort of `digit` ([n] int64 in [0, p)) by a counting sort (torch.argsort: a full sort)."""
     order = torch.empty_like(digit)
@@ -147,28 +175,22 @@ class TTRowsNative(torch.autograd.Function):
     """Rows `[n, dim]` of distinct ids from the cores, by the C kernels; the same contract as
     tt_autograd.TTRows but planned by digits and parents only.
 
-    `apply(digits, parents, shape, stacked, *params)`: `digits[k]` ([n_k] int64) each distinct
-    length-(k+1) prefix's row in core k, `parents[k]` (k >= 1) its length-k prefix's index
-    (tt_kernels._prefixes); `shape` gives `core_shapes` and `dim` (one table's, or the joint shape
+    `apply(digits, srcs, shape, stacked, *params)`: from `plan`, `digits[k]` ([n_k] int64) each
+    distinct length-(k+1) prefix's row in core k, `srcs[k - 1]` (k >= 1) its parent's row in the
+    previous level's store; `shape` gives `core_shapes` and `dim` (one table's, or the joint shape
     of stacked tables). `stacked=None`: `params` are the d cores; else `stacked` holds them and
     `params` are the tables' own cores (views of it, table-major), as in TTRows.
     """
 
     @staticmethod
-    def forward(ctx, digits, parents, shape, stacked, *params):
+    def forward(ctx, digits, srcs, shape, stacked, *params):
         lib, threads = library(), torch.get_num_threads()
         cores = [c.contiguous() for c in (params if stacked is None else stacked)]
-        # The kernels trust their indices: digits of ids in [0, padded rows) are in range, and
-        # level 0's digits are sorted, so its ends say whether some id was not.
-        first = digits[0]
-        if first.numel() and (int(first[0]) < 0 or int(first[-1]) >= cores[0].shape[0]):
-            raise IndexError(f"TT ids outside the cores' {shape.padded_rows} rows")
-        srcs = [first.index_select(0, parents[1])] + list(parents[2:])
         prev, Q = cores[0], shape.core_shapes[0][2]  # level 0's store: core 0 as [p_0, q_0, r_1]
         levels = []  # per level after the first: (prev store, src, digit, order, slices, transposed)
         for k in range(1, len(cores)):
             p, r, q, r2 = cores[k].shape
-            src, digit = srcs[k - 1].long().contiguous(), digits[k].long().contiguous()
+            src, digit = srcs[k - 1], digits[k]  # int64, contiguous rows of plan's buffers
             n = digit.numel()
             order = _order_by_digit(lib, digit, p)  # by digit: each slice read once
             slices, transposed = _slices(lib, cores[k])

@@ -275,3 +275,45 @@ void tt_order_by_digit(const int64_t *digit, int64_t n, int64_t p, int64_t *coun
     for (int64_t d = 0; d < p; d++) count[d + 1] += count[d];
     for (int64_t i = 0; i < n; i++) order[count[digit[i]]++] = i;
 }
+
+/* The plan of one lookup: the distinct id prefixes of every level, from `keys[n]` sorted and
+ * distinct, key = table * stride + id (tt_kernels._prefixes does the same in PyTorch ops).
+ * Table t's row factors are factors[t * d .. t * d + d) and its rows in stacked core k start at
+ * offsets[t * d + k]. Level k's distinct prefixes are the distinct (table, first k + 1 digits);
+ * for each, in order: digit[k * n + j] its row in stacked core k, and src[k * n + j] (k >= 1) the
+ * row of its length-k prefix in the previous level's store: core 0's row for k = 1, the prefix's
+ * index for k >= 2. counts[k] = how many (counts[d - 1] = n). Sorted keys give sorted prefixes,
+ * so one pass finds them all. Returns 0, or -1 if a key is not an id of one of the `tables`
+ * tables within its row factors (the caller raises). */
+int tt_plan(const int64_t *keys, int64_t n, int64_t stride, int64_t tables, int64_t d,
+            const int64_t *factors, const int64_t *offsets, int64_t *digit, int64_t *src,
+            int64_t *counts) {
+    int64_t code[8], last[8], dig[8];
+    if (d > 8) return -1;
+    for (int64_t k = 0; k < d; k++) counts[k] = 0, last[k] = -1;
+    for (int64_t i = 0; i < n; i++) {
+        if (keys[i] < 0 || keys[i] / stride >= tables) return -1;
+        const int64_t t = keys[i] / stride, *p = factors + t * d;
+        int64_t rest = keys[i] % stride;
+        for (int64_t k = d - 1; k >= 1; k--) {
+            dig[k] = rest % p[k];
+            code[k] = rest; /* the length-(k+1) prefix's code within table t */
+            rest /= p[k];
+        }
+        if (rest >= p[0]) return -1;
+        dig[0] = rest;
+        code[0] = rest;
+        int fresh = 0; /* a new prefix at level k means new ones at every level below it */
+        for (int64_t k = 0; k < d; k++) {
+            const int64_t key = t * stride + code[k];
+            if (!fresh && key == last[k]) continue;
+            fresh = 1;
+            last[k] = key;
+            const int64_t j = counts[k]++;
+            digit[k * n + j] = dig[k] + offsets[t * d + k];
+            if (k == 1) src[n + j] = digit[counts[0] - 1];
+            else if (k >= 2) src[k * n + j] = counts[k - 1] - 1;
+        }
+    }
+    return 0;
+}
