@@ -224,7 +224,7 @@ def test_level_backward_writes_every_core_slice(threads, r, J):
     gprev = torch.zeros_like(prev)
     ptr = tt_native._ptr
     lib.tt_level_backward(ptr(prev), ptr(core), ptr(src), ptr(digit), ptr(order), n, p, Q, r, J,
-                          ptr(gout), ptr(gprev), ptr(gcore), prev.shape[0], threads)
+                          ptr(gout), ptr(gprev), ptr(gcore), prev.shape[0], threads, 0, 0.0, 0.0, None)
     a, g = prev[src].double(), gout.double()
     if lib.tt_level_layout(r, J) == -1:  # core is [p, J, r]: gcore[d] += g^T a, gprev += g @ core[d]
         want = torch.zeros(p, J, r, dtype=torch.float64).index_add_(0, digit, g.transpose(1, 2) @ a)
@@ -263,3 +263,42 @@ def test_plan_equals_the_pytorch_prefixes_and_rejects_ids_beyond_the_factors():
             tt_rows(params, shape, torch.tensor([3, bad]).sort().values, kernel="native")
     with pytest.raises(IndexError):
         tt_native.plan([shape], torch.tensor([2 * shape.padded_rows + 1]), shape.padded_rows)
+
+
+def test_fused_adagrad_state_is_stacked_and_survives_load_state_dict():
+    """The update fused into backward reads Adagrad's `sum` stacked per core, each core's optimizer
+    state a view of it; after load_state_dict (a resume) replaced those tensors, the next lookup
+    stacks the loaded values again and steps the same as the run it was saved from."""
+    from tests.test_tt import emb_cfg, kjt, random_bags
+
+    tables = [TableSpec("t_A", 5000, 16, ("A",)), TableSpec("t_B", 900, 16, ("B",))]
+    gen = torch.Generator().manual_seed(0)
+    batches = [kjt(["A", "B"], [random_bags(5000, 32, 2, gen), random_bags(900, 32, 2, gen)]) for _ in range(3)]
+
+    def build():
+        torch.manual_seed(0)
+        return TTEmbeddings(tables, emb_cfg(rank=8, **{"emb.kernel": "native"}), SPARSE_OPTIM, CPU)
+
+    def step(emb, features):
+        emb(features).values().square().sum().backward()
+        emb.optimizers()[0].step()
+        emb.optimizers()[0].zero_grad(set_to_none=True)
+
+    straight = build()
+    for b in batches:
+        step(straight, b)
+    first = build()
+    step(first, batches[0])
+    sums = first.stacked_states()
+    state = first.optimizers()[0].state
+    a1 = first.cores["t_A"][1]
+    assert state[a1]["sum"].data_ptr() == sums[1].data_ptr() and float(sums[1].abs().sum()) > 0
+    saved = ({k: v.clone() for k, v in first.state_dict().items()}, first.optimizers()[0].state_dict())
+    resumed = build()
+    resumed.stacked_states()  # stacked before the load replaces every state tensor
+    resumed.load_state_dict(saved[0])
+    resumed.optimizers()[0].load_state_dict(saved[1])
+    for b in batches[1:]:
+        step(resumed, b)
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(p, q)

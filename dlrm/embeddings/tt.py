@@ -39,7 +39,7 @@ from dlrm.embeddings.tt_kernels import (
     tt_rows_multi,
     tt_shape,
 )
-from dlrm.embeddings.tt_native import KERNELS, use_native
+from dlrm.embeddings.tt_native import KERNELS, CoreUpdate, use_native
 from dlrm.options import Opt
 
 OPTIMIZERS = ("adagrad", "sgd")
@@ -144,6 +144,8 @@ class TTEmbeddings(EmbeddingBackend):
         self._fused = len({(s.cores, s.dim_factors, s.ranks) for s in shapes}) == 1
         self._stacked: list[torch.Tensor] = []  # fused: per core, every table's core stacked
         self._aliases: list[tuple[nn.Parameter, int]] = []  # (core, where it must start in _stacked)
+        self._stacked_states: list[torch.Tensor] = []  # adagrad: per core, the tables' `sum` stacked
+        self._state_aliases: list[tuple[nn.Parameter, int]] = []  # (core, where its `sum` must start)
         owner = [i for i, t in enumerate(self.tables) for _ in t.features]
         # buffers (not state): they follow the module to its device, checkpoints do not hold them
         self.register_buffer("_feature_table", torch.tensor(owner, device=device), persistent=False)  # [F]
@@ -199,7 +201,8 @@ class TTEmbeddings(EmbeddingBackend):
         shapes = [self.shapes[t.name] for t in self.tables]
         cores = [list(self.cores[t.name]) for t in self.tables]
         rows = tt_rows_multi(
-            cores, shapes, keys // stride, keys % stride, stacked=self.stacked_cores(), kernel=self.kernel
+            cores, shapes, keys // stride, keys % stride, stacked=self.stacked_cores(), kernel=self.kernel,
+            update=self.core_update(),
         )
         pooled = pool(rows, inverse, features.offsets(), self.pooling)  # [F * B, D], key-major
         batch, dim = features.stride(), shapes[0].dim
@@ -215,19 +218,40 @@ class TTEmbeddings(EmbeddingBackend):
         after `module.to(other device)` or a `param.data = ...` replaced it."""
         if self._aliases and all(p.data_ptr() == ptr for p, ptr in self._aliases):
             return self._stacked
+        per_table = [list(self.cores[t.name]) for t in self.tables]
         with torch.no_grad():
-            d = self.shapes[self.tables[0].name].cores
-            per_table = [list(self.cores[t.name]) for t in self.tables]
-            self._stacked = [torch.cat([cores[k].detach() for cores in per_table]) for k in range(d)]
-            self._aliases = []
-            for k, stacked in enumerate(self._stacked):
-                start = 0
-                for cores in per_table:
-                    n = cores[k].shape[0]
-                    cores[k].data = stacked[start : start + n]  # the parameter now lives in `stacked`
-                    self._aliases.append((cores[k], cores[k].data_ptr()))
-                    start += n
+            self._stacked, views = _stack([[c.detach() for c in cores] for cores in per_table])
+        for cores, table_views in zip(per_table, views):
+            for core, view in zip(cores, table_views):
+                core.data = view  # the parameter now lives in the stacked tensor
+        self._aliases = [(core, core.data_ptr()) for cores in per_table for core in cores]
         return self._stacked
+
+    def stacked_states(self) -> list[torch.Tensor]:
+        """Adagrad's accumulators laid out like `stacked_cores()`: per core k every table's `sum`
+        stacked, each core's optimizer state a view of its rows (re-stacked, values kept, when
+        `load_state_dict` replaced them), for the update fused into the lookup's backward."""
+        state = self._optimizer.state
+        if self._state_aliases and all(state[p]["sum"].data_ptr() == ptr for p, ptr in self._state_aliases):
+            return self._stacked_states
+        per_table = [list(self.cores[t.name]) for t in self.tables]
+        self._stacked_states, views = _stack([[state[c]["sum"] for c in cores] for cores in per_table])
+        for cores, table_views in zip(per_table, views):
+            for core, view in zip(cores, table_views):
+                state[core]["sum"] = view
+        self._state_aliases = [(c, state[c]["sum"].data_ptr()) for cores in per_table for c in cores]
+        return self._stacked_states
+
+    def core_update(self) -> CoreUpdate | None:
+        """The cores' optimizer step fused into the lookup's backward (tt_native.CoreUpdate: the
+        C kernels step the middle cores' touched slices in place; `optimizers()` steps the rest),
+        or None where no backward follows (grad disabled: eval)."""
+        if not torch.is_grad_enabled():
+            return None
+        group = self._optimizer.param_groups[0]
+        if self.optimizer_name == "sgd":
+            return CoreUpdate("sgd", float(group["lr"]))
+        return CoreUpdate("adagrad", float(group["lr"]), float(group["eps"]), self.stacked_states())
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` ([n] int64, distinct, in range) of table `name` from its cores: [n, dim],
@@ -263,3 +287,13 @@ class TTEmbeddings(EmbeddingBackend):
             for t in self.tables
         )
 
+
+def _stack(tables: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """`tables[t][k]` (table t's core k, or its state) concatenated per k along dim 0, and each
+    one's view of its rows there (same shape, table-major order)."""
+    stacked = [torch.cat([cores[k] for cores in tables]) for k in range(len(tables[0]))]
+    views: list[list[torch.Tensor]] = [[] for _ in tables]
+    for k, whole in enumerate(stacked):
+        for t, part in enumerate(whole.split([cores[k].shape[0] for cores in tables])):
+            views[t].append(part)
+    return stacked, views

@@ -31,7 +31,7 @@ from itertools import combinations_with_replacement
 import torch
 
 from dlrm.embeddings.tt_autograd import TTRows, plan_levels
-from dlrm.embeddings.tt_native import TTRowsNative, plan, use_native
+from dlrm.embeddings.tt_native import CoreUpdate, TTRowsNative, plan, use_native
 
 MAX_PADDING = 0.15  # automatic row factoring pads rows up by at most this fraction
 
@@ -278,6 +278,7 @@ def tt_rows_multi(
     method: str = "auto",
     stacked: list[torch.Tensor] | None = None,
     kernel: str = "auto",
+    update: CoreUpdate | None = None,
 ) -> torch.Tensor:
     """Rows `[n, dim]` of the distinct `(table[i], local[i])` pairs, sorted by table then id, in
     range, from several tables in ONE lookup (differentiable in every table's cores).
@@ -288,7 +289,8 @@ def tt_rows_multi(
     `stacked`: the tables' cores already stacked, each table's core a view of its rows there
     (TTEmbeddings keeps them so); without it they are concatenated here, a copy per call.
     `kernel`: emb.kernel, C kernels or PyTorch ops (tt_native.use_native); `method` picks among
-    the PyTorch path's layouts.
+    the PyTorch path's layouts. `update`: on the C path, the optimizer step fused into backward
+    (tt_native.CoreUpdate; the cores it steps get no gradient); the PyTorch path ignores it.
 
     Raises:
         ValueError: the shapes differ in cores, dim factors or ranks.
@@ -313,7 +315,7 @@ def tt_rows_multi(
     else:
         stacked_arg, params = list(stacked), [c for t in cores for c in t]
     if native:
-        return TTRowsNative.apply(*index_plan, joint, stacked_arg, *params)
+        return TTRowsNative.apply(*index_plan, joint, stacked_arg, update, *params)
     levels = plan_levels(*index_plan, joint.core_shapes, joint.dim_factors, method)
     return TTRows.apply(levels, joint, stacked_arg, *params)
 

@@ -15,6 +15,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -148,7 +149,7 @@ int tt_level_layout(int64_t r, int64_t J) {
     return 0;
 }
 
-/* One level's work for prefixes order[lo:hi]; `gcore` NULL = forward. */
+/* One level's work for prefixes order[lo:hi]; `gout` NULL = forward. */
 typedef struct {
     const float *prev, *core;
     const int64_t *src, *digit, *order;
@@ -157,16 +158,43 @@ typedef struct {
     float *out;                 /* forward: [n, Q, J] */
     const float *gout;          /* backward: [n, Q, J] */
     float *gprev, *gcore;       /* backward: gprev may be a per-thread scratch */
+    /* backward with a fused update (optim 1 = SGD, 2 = Adagrad; 0 = none: write gcore): each
+     * digit's gradient is summed in `acc` (r J floats, per thread), then applied to its slice
+     * of the core (and of Adagrad's sum, `state`) once the digit's last prefix is done with it */
+    int optim;
+    float lr, eps;
+    float *state;
 } part_t;
+
+/* core -= lr * g (SGD) or sum += g^2, core -= lr * g / (sqrt(sum) + eps) (Adagrad, as torch.optim's) */
+static void update_slice(const part_t *w, int64_t digit, const float *restrict g) {
+    const int64_t size = w->r * w->J;
+    float *restrict core = (float *)w->core + digit * size;
+    if (w->optim == 1) {
+        for (int64_t e = 0; e < size; e++) core[e] -= w->lr * g[e];
+        return;
+    }
+    float *restrict sum = w->state + digit * size;
+    for (int64_t e = 0; e < size; e++) {
+        sum[e] += g[e] * g[e];
+        core[e] -= w->lr * (g[e] / (sqrtf(sum[e]) + w->eps));
+    }
+}
 
 static void run_part(const part_t *w) {
     const int64_t Q = w->Q, r = w->r, J = w->J;
     const int layout = tt_level_layout(r, J);
     int64_t zeroed = w->zero_lo; /* gcore slices below this one are zeroed (backward) */
+    float *acc = NULL;           /* fused update: the current digit's gradient */
+    int64_t current = -1;        /* ... and that digit */
+    if (w->optim && w->hi > w->lo) {
+        acc = malloc((size_t)r * J * sizeof(float));
+        if (!acc) abort(); /* r J floats: a few KB */
+    }
     for (int64_t o = w->lo; o < w->hi; o++) {
         const int64_t i = w->order[o];
         const float *a = w->prev + w->src[i] * Q * r, *b = w->core + w->digit[i] * r * J;
-        if (!w->gcore) {
+        if (!w->gout) { /* forward */
             float *c = w->out + i * Q * J;
             switch (layout) {
             case 1: fwd_rows_1(a, b, c, Q, r); break;
@@ -179,12 +207,23 @@ static void run_part(const part_t *w) {
             }
             continue;
         }
-        if (w->digit[i] >= zeroed) { /* a new digit: zero its slice, and any untouched before it */
-            memset(w->gcore + zeroed * r * J, 0, (size_t)(w->digit[i] + 1 - zeroed) * r * J * sizeof(float));
-            zeroed = w->digit[i] + 1;
+        float *gb;
+        if (acc) {
+            if (w->digit[i] != current) { /* the previous digit's prefixes are all done: step it */
+                if (current >= 0) update_slice(w, current, acc);
+                memset(acc, 0, (size_t)r * J * sizeof(float));
+                current = w->digit[i];
+            }
+            gb = acc;
+        } else {
+            if (w->digit[i] >= zeroed) { /* a new digit: zero its slice, and any untouched before it */
+                memset(w->gcore + zeroed * r * J, 0, (size_t)(w->digit[i] + 1 - zeroed) * r * J * sizeof(float));
+                zeroed = w->digit[i] + 1;
+            }
+            gb = w->gcore + w->digit[i] * r * J;
         }
         const float *g = w->gout + i * Q * J;
-        float *ga = w->gprev ? w->gprev + w->src[i] * Q * r : NULL, *gb = w->gcore + w->digit[i] * r * J;
+        float *ga = w->gprev ? w->gprev + w->src[i] * Q * r : NULL;
         switch (layout) {
         case 1: bwd_rows_1(a, b, g, ga, gb, Q, r); break;
         case 2: bwd_rows_2(a, b, g, ga, gb, Q, r); break;
@@ -195,8 +234,12 @@ static void run_part(const part_t *w) {
         default: bwd_any(a, b, g, ga, gb, Q, r, J);
         }
     }
-    if (w->gcore && zeroed < w->zero_hi)
+    if (acc) {
+        update_slice(w, current, acc);
+        free(acc);
+    } else if (w->gout && zeroed < w->zero_hi) {
         memset(w->gcore + zeroed * r * J, 0, (size_t)(w->zero_hi - zeroed) * r * J * sizeof(float));
+    }
 }
 
 #define MAX_THREADS 64
@@ -212,7 +255,7 @@ static void run_parts(part_t base, int64_t n, int64_t p, int threads, int64_t pr
     if (threads < 1 || n < 256 * threads) threads = 1; /* small levels: waking a thread costs more */
     part_t parts[MAX_THREADS];
     float *scratch = NULL;
-    if (threads > 1 && base.gcore && base.gprev) {
+    if (threads > 1 && base.gout && base.gprev) {
         scratch = calloc((size_t)(threads - 1) * prev_size, sizeof(float));
         if (!scratch) threads = 1;
     }
@@ -253,17 +296,22 @@ static void run_parts(part_t base, int64_t n, int64_t p, int threads, int64_t pr
 void tt_level_forward(const float *prev, const float *core, const int64_t *src, const int64_t *digit,
                       const int64_t *order, int64_t n, int64_t Q, int64_t r, int64_t J, float *out,
                       int threads) {
-    part_t base = {prev, core, src, digit, order, 0, n, Q, r, J, 0, 0, out, NULL, NULL, NULL};
+    part_t base = {prev, core, src, digit, order, 0, n, Q, r, J, 0, 0, out, NULL, NULL, NULL, 0, 0, 0, NULL};
     run_parts(base, n, 0, threads, 0);
 }
 
 /* gprev[src] += gout @ core[digit]^T (gprev may be NULL; `prev_rows` rows of Q r floats);
  * gcore = prev[src]^T @ gout summed per digit: all `p` slices written, untouched ones zero.
- * Under the cols layout `core` and `gcore` are transposed. */
+ * Under the cols layout `core` and `gcore` are transposed.
+ * `optim` 1 (SGD) or 2 (Adagrad, `state` its sum): instead of writing gcore, step each touched
+ * slice of `core` in place with its gradient (untouched slices would not move: zero gradient),
+ * as an optimizer step after backward would; gprev still comes out. */
 void tt_level_backward(const float *prev, const float *core, const int64_t *src, const int64_t *digit,
                        const int64_t *order, int64_t n, int64_t p, int64_t Q, int64_t r, int64_t J,
-                       const float *gout, float *gprev, float *gcore, int64_t prev_rows, int threads) {
-    part_t base = {prev, core, src, digit, order, 0, n, Q, r, J, 0, 0, NULL, gout, gprev, gcore};
+                       const float *gout, float *gprev, float *gcore, int64_t prev_rows, int threads,
+                       int optim, float lr, float eps, float *state) {
+    part_t base = {prev, core, src, digit, order, 0, n, Q, r, J, 0, 0, NULL, gout, gprev, gcore,
+                   optim, lr, eps, state};
     run_parts(base, n, p, threads, prev_rows * Q * r);
 }
 
