@@ -24,8 +24,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from functools import cache
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
