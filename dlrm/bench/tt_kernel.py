@@ -1,13 +1,16 @@
 """Benchmark of the TT embedding lookup: forward+backward time per batch, and memory.
 
 Times one TT table (default 10M rows, dim 16, 3 cores) for a batch of single-hot Zipf ids at
-several ranks, for three implementations of the same math:
+several ranks, for four implementations of the same math:
 
-- ``fast``: what `emb=tt` runs (distinct ids, shared prefix products, grouped middle core);
-- ``dedup+gather``: distinct ids, but each distinct prefix copies its core slices (no grouping);
+- ``native``: what `emb=tt` runs on CPU (distinct ids, shared prefix products, our C kernels:
+  tt_native.py);
+- ``torch``: the same plan in PyTorch ops (`emb.kernel=torch`: grouped middle core, batched GEMMs);
+- ``dedup+gather``: PyTorch ops, each distinct prefix copying its core slices (no grouping);
 - ``naive``: every lookup gathers its own core slices (TT-Rec's original per-id kernel).
 
-Then the memory of the 7 largest Kaggle tables compressed at rank 32 (cores + Adagrad state)
+Then the `emb=tt` backend on the 7 largest Kaggle tables (fwd + bwd + the cores' Adagrad step,
+fused into backward under the C kernels), C kernels against PyTorch ops, alternating; then the memory of the 7 largest Kaggle tables compressed at rank 32 (cores + Adagrad state)
 against the full tables (fp32 + row-wise Adagrad). Run through scripts/bench_tt.py::
 
     python scripts/bench_tt.py --threads 1            # the figures in docs/benchmarks.md
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import numpy as np
 import torch
@@ -58,13 +62,17 @@ def bench_rank(rows: int, dim: int, cores: int, rank: int, ids: torch.Tensor, re
         for p in params:
             p.grad = None
 
-    def fast():
+    def native():
         fresh_grads()
-        tt_embedding_bag(params, shape, ids, offsets, "sum").backward(grad_out)
+        tt_embedding_bag(params, shape, ids, offsets, "sum", kernel="native").backward(grad_out)
+
+    def torch_ops():
+        fresh_grads()
+        tt_embedding_bag(params, shape, ids, offsets, "sum", kernel="torch").backward(grad_out)
 
     def dedup_gather():
         fresh_grads()
-        tt_embedding_bag(params, shape, ids, offsets, "sum", method="gather").backward(grad_out)
+        tt_embedding_bag(params, shape, ids, offsets, "sum", method="gather", kernel="torch").backward(grad_out)
 
     def naive():
         fresh_grads()
@@ -73,18 +81,19 @@ def bench_rank(rows: int, dim: int, cores: int, rank: int, ids: torch.Tensor, re
 
     def forward_only():
         with torch.no_grad():
-            tt_embedding_bag(params, shape, ids, offsets, "sum")
+            tt_embedding_bag(params, shape, ids, offsets, "sum", kernel="native")
 
-    opt = torch.optim.Adagrad(params, lr=0.01, fused=True)  # as emb=tt
-    fast()
+    opt = torch.optim.Adagrad(params, lr=0.01, fused=True)  # as emb=tt under PyTorch ops
+    native()
 
     out = {
         "rank": rank,
         "shape": str(shape),
         "params": shape.num_params,
         "distinct_ids": int(torch.unique(ids).numel()),
-        "fast": _time(fast, repeats),
-        "fast_forward": _time(forward_only, repeats),
+        "native": _time(native, repeats),
+        "native_forward": _time(forward_only, repeats),
+        "torch": _time(torch_ops, repeats),
         "dedup_gather": _time(dedup_gather, max(3, repeats // 4)),
         # the naive kernel is 10-50x slower: fewer repeats keep the benchmark short
         "naive": _time(naive, max(3, repeats // 10)),
@@ -102,9 +111,11 @@ def bench_backend(rank: int, dim: int, batch: int, alpha: float, repeats: int, s
 
     big = [n for n in KAGGLE_CARDINALITIES if n >= 100_000]
     tables = [TableSpec(f"t_{i}", n, dim, (f"F{i}",)) for i, n in enumerate(big)]
-    cfg = OmegaConf.create({"name": "tt", "dim": dim, "pooling": "sum", "rank": rank, "lr": 0.01})
-    emb = TTEmbeddings(tables, cfg, OmegaConf.create({"lr": 0.01}), torch.device("cpu"))
-    (opt,) = emb.optimizers()
+    backends = {}
+    for kernel in ("native", "torch"):
+        torch.manual_seed(seed)
+        cfg = OmegaConf.create({"name": "tt", "dim": dim, "pooling": "sum", "rank": rank, "lr": 0.01, "kernel": kernel})
+        backends[kernel] = TTEmbeddings(tables, cfg, OmegaConf.create({"lr": 0.01}), torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     values = torch.cat([zipf_ids(batch, n, alpha, rng) for n in big])
@@ -113,12 +124,24 @@ def bench_backend(rank: int, dim: int, batch: int, alpha: float, repeats: int, s
     )
     grad_out = torch.randn(batch, dim * len(big), generator=gen)
 
-    def step():
+    def step(emb):
+        (opt,) = emb.optimizers()
         opt.zero_grad(set_to_none=True)
         emb(kjt).values().backward(grad_out)
         opt.step()
 
-    return {"tables": len(big), "rank": rank, "step": _time(step, max(5, repeats // 2))}
+    times: dict[str, list[float]] = {k: [] for k in backends}
+    for i in range(max(5, repeats // 2) + 3):  # alternating, A B B A; the first 3 rounds warm up
+        for kernel in backends if i % 2 == 0 else list(backends)[::-1]:
+            t0 = time.perf_counter()
+            step(backends[kernel])
+            if i >= 3:
+                times[kernel].append((time.perf_counter() - t0) * 1e3)
+    out = {"tables": len(big), "rank": rank}
+    for kernel, t in times.items():
+        t.sort()
+        out[kernel] = {"median_ms": statistics.median(t), "p10_ms": t[len(t) // 10]}
+    return out
 
 
 def kaggle_memory(rank: int, dim: int, cores: int, min_rows: int) -> dict:
@@ -157,28 +180,30 @@ def main(argv: list[str] | None = None) -> dict:
         f"single-hot {args.dist} ids, {args.threads} thread(s), torch {torch.__version__}"
     )
     print(
-        "| rank | TT shape | distinct ids | fast fwd+bwd ms: median (p10) [thread CPU] "
-        "| fast fwd ms | dedup+gather ms | naive per-id ms | naive / fast | Adagrad step ms |"
+        "| rank | TT shape | distinct ids | native fwd+bwd ms: median (p10) [thread CPU] "
+        "| native fwd ms | torch ops fwd+bwd ms | torch / native | dedup+gather ms | naive per-id ms "
+        "| Adagrad step ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for rank in args.ranks:
         r = bench_rank(args.rows, args.dim, args.cores, rank, ids, args.repeats)
         results.append(r)
-        f, n = r["fast"]["median_ms"], r["naive"]["median_ms"]
+        f, t = r["native"]["median_ms"], r["torch"]["median_ms"]
         print(
-            f"| {rank} | {r['shape']} | {r['distinct_ids']} | {f:.2f} ({r['fast']['p10_ms']:.2f}) "
-            f"[{r['fast']['cpu_ms']:.2f}] "
-            f"| {r['fast_forward']['median_ms']:.2f} | {r['dedup_gather']['median_ms']:.2f} "
-            f"| {n:.1f} | {n / f:.1f}x | {r['adagrad_step']['median_ms']:.2f} |",
+            f"| {rank} | {r['shape']} | {r['distinct_ids']} | {f:.2f} ({r['native']['p10_ms']:.2f}) "
+            f"[{r['native']['cpu_ms']:.2f}] | {r['native_forward']['median_ms']:.2f} | {t:.2f} | {t / f:.2f}x "
+            f"| {r['dedup_gather']['median_ms']:.2f} | {r['naive']['median_ms']:.1f} "
+            f"| {r['adagrad_step']['median_ms']:.2f} |",
             flush=True,
         )
     backend = bench_backend(32, args.dim, args.batch, args.alpha, args.repeats, args.seed)
-    st = backend["step"]
+    nat, ops = backend["native"], backend["torch"]
     print(
         f"\nemb=tt backend, {backend['tables']} largest Kaggle tables, rank 32, {args.batch} zipf "
-        f"ids each: fwd+bwd+Adagrad step {st['median_ms']:.2f} ms median "
-        f"(p10 {st['p10_ms']:.2f}, thread CPU {st['cpu_ms']:.2f})"
+        f"ids each, fwd+bwd+Adagrad step, alternating: C kernels {nat['median_ms']:.2f} ms median "
+        f"(p10 {nat['p10_ms']:.2f}), PyTorch ops {ops['median_ms']:.2f} ms (p10 {ops['p10_ms']:.2f}): "
+        f"{ops['median_ms'] / nat['median_ms']:.2f}x"
     )
     mem = kaggle_memory(32, args.dim, args.cores, 100_000)
     print(

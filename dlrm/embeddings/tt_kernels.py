@@ -374,11 +374,13 @@ def tt_embedding_bag(
     offsets: torch.Tensor,
     mode: str = "sum",
     method: str = "auto",
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Pooled bags `[len(offsets) - 1, dim]`; `offsets` has the final end (KJT offsets).
+    `kernel`, `method`: as in `tt_rows`.
 
     Ids must be in [0, shape.rows) (checked by the caller, who knows the feature's name).
     Example: ``tt_embedding_bag(cores, shape, torch.tensor([3, 5, 3]), torch.tensor([0, 2, 3]))``.
     """
     uid, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-    return pool(tt_rows(cores, shape, uid, method), inverse, offsets, mode)
+    return pool(tt_rows(cores, shape, uid, method, kernel), inverse, offsets, mode)
