@@ -302,3 +302,27 @@ def test_fused_adagrad_state_is_stacked_and_survives_load_state_dict():
         step(resumed, b)
     for p, q in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(p, q)
+
+
+def test_unique_keys_equals_torch_unique_and_checks_ranges():
+    """The batch's keys (table * stride + id), distinct and sorted, and each id's index among them,
+    as torch.unique gives them; an id outside its table's rows raises, naming its position."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.tensor([10_000_000, 700, 93_000])
+    table_of = torch.tensor([0, 1, 2, 1])  # feature 3 shares table 1
+    counts = [3000, 2000, 0, 2500]
+    ids = torch.cat([torch.randint(0, int(rows[t]), (c,), generator=gen) % (int(rows[t]) // (1 + 50 * (f % 2)))
+                     for f, (t, c) in enumerate(zip(table_of.tolist(), counts))])
+    stride = int(rows.max())
+    keys, inverse = tt_native.unique_keys(ids, counts, table_of, rows, stride)
+    table = torch.repeat_interleave(table_of, torch.tensor(counts))
+    want_keys, want_inverse = torch.unique(table * stride + ids, sorted=True, return_inverse=True)
+    assert torch.equal(keys, want_keys) and torch.equal(inverse, want_inverse)
+    bad = ids.clone()
+    bad[3000 + 17] = 700  # feature 1's table has 700 rows
+    with pytest.raises(IndexError, match="TT id 700 at position 3017 is outside its table's rows"):
+        tt_native.unique_keys(bad, counts, table_of, rows, stride)
+    with pytest.raises(ValueError, match="do not add up"):
+        tt_native.unique_keys(ids, [1, 2, 3, 4], table_of, rows, stride)
+    empty = tt_native.unique_keys(ids[:0], [0, 0, 0, 0], table_of, rows, stride)
+    assert empty[0].numel() == 0 and empty[1].numel() == 0

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from dlrm import distributed
 from dlrm.embeddings.base import (
     EmbeddingBackend,
     Runtime,
@@ -36,10 +37,11 @@ from dlrm.embeddings.tt_kernels import (
     init_cores,
     pool,
     tt_rows,
+    tt_rows_from_keys,
     tt_rows_multi,
     tt_shape,
 )
-from dlrm.embeddings.tt_native import KERNELS, CoreUpdate, use_native
+from dlrm.embeddings.tt_native import KERNELS, CoreUpdate, unique_keys, use_native
 from dlrm.options import Opt
 
 OPTIMIZERS = ("adagrad", "sgd")
@@ -190,20 +192,29 @@ class TTEmbeddings(EmbeddingBackend):
         plan, one GEMM per core for the whole batch, instead of ~40 small ops per table (each an
         OpenMP region: the per-table loop was most of TT's step on 2 cores)."""
         ids = features.values().long()
-        lengths = torch.tensor(features.length_per_key(), device=ids.device)
-        table = torch.repeat_interleave(self._feature_table, lengths, output_size=ids.numel())
-        # TT must never see an id >= rows: it would silently read a padded (or wrapped) row.
-        if ids.numel() and bool((ids.lt(0) | ids.ge(self._table_rows.index_select(0, table))).any()):
-            check_ids_in_range(features, self.tables)  # raises, naming the feature
-            raise ValueError(f"TT ids outside their tables' rows {self._table_rows.tolist()}")
         stride = int(self._table_rows.max())
-        keys, inverse = torch.unique(table * stride + ids, sorted=True, return_inverse=True)
         shapes = [self.shapes[t.name] for t in self.tables]
         cores = [list(self.cores[t.name]) for t in self.tables]
-        rows = tt_rows_multi(
-            cores, shapes, keys // stride, keys % stride, stacked=self.stacked_cores(), kernel=self.kernel,
-            update=self.core_update(),
-        )
+        # TT must never see an id >= rows: it would silently read a padded (or wrapped) row.
+        if use_native(self.kernel, cores[0][0]):  # keys, range check and unique in one C pass
+            try:
+                keys, inverse = unique_keys(
+                    ids, features.length_per_key(), self._feature_table, self._table_rows, stride
+                )
+            except IndexError:
+                check_ids_in_range(features, self.tables)  # raises, naming the feature
+                raise
+            rows = tt_rows_from_keys(cores, shapes, keys, stride, self.stacked_cores(), self.core_update())
+        else:
+            lengths = torch.tensor(features.length_per_key(), device=ids.device)
+            table = torch.repeat_interleave(self._feature_table, lengths, output_size=ids.numel())
+            if ids.numel() and bool((ids.lt(0) | ids.ge(self._table_rows.index_select(0, table))).any()):
+                check_ids_in_range(features, self.tables)  # raises, naming the feature
+                raise ValueError(f"TT ids outside their tables' rows {self._table_rows.tolist()}")
+            keys, inverse = torch.unique(table * stride + ids, sorted=True, return_inverse=True)
+            rows = tt_rows_multi(
+                cores, shapes, keys // stride, keys % stride, stacked=self.stacked_cores(), kernel=self.kernel
+            )
         pooled = pool(rows, inverse, features.offsets(), self.pooling)  # [F * B, D], key-major
         batch, dim = features.stride(), shapes[0].dim
         width = len(self.features) * dim  # explicit: an empty batch (a rank's share) has B = 0
@@ -245,8 +256,9 @@ class TTEmbeddings(EmbeddingBackend):
     def core_update(self) -> CoreUpdate | None:
         """The cores' optimizer step fused into the lookup's backward (tt_native.CoreUpdate: the
         C kernels step the middle cores' touched slices in place; `optimizers()` steps the rest),
-        or None where no backward follows (grad disabled: eval)."""
-        if not torch.is_grad_enabled():
+        or None where no backward follows (grad disabled: eval) or where the gradients must first
+        be all-reduced across processes (torchrun: DistributedDataParallel replicates the cores)."""
+        if not torch.is_grad_enabled() or distributed.active():
             return None
         group = self._optimizer.param_groups[0]
         if self.optimizer_name == "sgd":

@@ -301,23 +301,44 @@ def tt_rows_multi(
         raise ValueError(f"tt_rows_multi: tables differ in dim factors or ranks: {[str(s) for s in shapes]}")
     if local.numel() == 0:
         return cores[0][0].new_zeros(0, first.dim)
-    native = use_native(kernel, cores[0][0])
-    if native:  # (digits, srcs) in one C pass
+    if use_native(kernel, cores[0][0]):
         stride = max(s.padded_rows for s in shapes)
-        index_plan = plan(shapes, local if table is None else table * stride + local, stride)
-    else:  # (digits, parents) in PyTorch ops
-        index_plan = _prefixes(shapes, table, local)
-    joint = first if len(shapes) == 1 else joint_shape(shapes)
-    if len(shapes) == 1:
-        stacked_arg, params = None, list(cores[0])
-    elif stacked is None:  # concatenated here: a copy per call
-        stacked_arg, params = None, [torch.cat([c[k] for c in cores]) for k in range(first.cores)]
-    else:
-        stacked_arg, params = list(stacked), [c for t in cores for c in t]
-    if native:
-        return TTRowsNative.apply(*index_plan, joint, stacked_arg, update, *params)
-    levels = plan_levels(*index_plan, joint.core_shapes, joint.dim_factors, method)
+        keys = local if table is None else table * stride + local
+        return tt_rows_from_keys(cores, shapes, keys, stride, stacked, update)
+    joint, stacked_arg, params = _joint(cores, shapes, stacked)
+    levels = plan_levels(*_prefixes(shapes, table, local), joint.core_shapes, joint.dim_factors, method)
     return TTRows.apply(levels, joint, stacked_arg, *params)
+
+
+def tt_rows_from_keys(
+    cores: list[list[torch.Tensor]],
+    shapes: list[TTShape],
+    keys: torch.Tensor,
+    stride: int,
+    stacked: list[torch.Tensor] | None = None,
+    update: CoreUpdate | None = None,
+) -> torch.Tensor:
+    """`tt_rows_multi` on the C kernels, the ids given as sorted distinct keys `table * stride + id`
+    ([n] int64, fp32 CPU cores; what TTEmbeddings hands over from tt_native.unique_keys).
+
+    Raises IndexError for a key beyond its table's row factors."""
+    if keys.numel() == 0:
+        return cores[0][0].new_zeros(0, shapes[0].dim)
+    joint, stacked_arg, params = _joint(cores, shapes, stacked)
+    return TTRowsNative.apply(*plan(shapes, keys, stride), joint, stacked_arg, update, *params)
+
+
+def _joint(cores, shapes, stacked):
+    """(shape, stacked, params) for TTRows/TTRowsNative: one table's cores as they are; several
+    tables' stacked ones with each table's cores as views (`stacked`), or else concatenated here
+    (a copy per call)."""
+    first = shapes[0]
+    if len(shapes) == 1:
+        return first, None, list(cores[0])
+    joint = joint_shape(shapes)
+    if stacked is None:
+        return joint, None, [torch.cat([c[k] for c in cores]) for k in range(first.cores)]
+    return joint, list(stacked), [c for t in cores for c in t]
 
 
 def joint_shape(shapes: list[TTShape]) -> TTShape:

