@@ -4,12 +4,10 @@ the per-id reference in float64, for every kernel layout; threads; the build and
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from dlrm.config import ConfigError
 from dlrm.embeddings import TableSpec, tt_native
@@ -22,10 +20,7 @@ from dlrm.embeddings.tt_kernels import (
     tt_shape,
 )
 from dlrm.embeddings.tt_native import NativeKernelError, use_native
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-CPU = torch.device("cpu")
-SPARSE_OPTIM = OmegaConf.create({"name": "sgd", "lr": 0.05, "eps": 1e-8})
+from tests.test_tt import CONF, CPU, SPARSE_OPTIM, emb_cfg, kjt, random_bags
 
 
 def cores_of(shape, seed=0):
@@ -122,8 +117,6 @@ def test_backend_native_equals_torch_kernels_and_trains():
     """Through TTEmbeddings (KJT in, fused stacked lookup, Adagrad on the cores): emb.kernel=native
     and emb.kernel=torch give the same outputs and the same cores after three steps."""
     tables = [TableSpec("t_A", 5000, 16, ("A",)), TableSpec("t_B", 900, 16, ("B1", "B2"))]
-    from tests.test_tt import emb_cfg, kjt, random_bags
-
     built = {}
     for kernel in ("native", "torch"):
         torch.manual_seed(0)
@@ -269,8 +262,6 @@ def test_fused_adagrad_state_is_stacked_and_survives_load_state_dict():
     """The update fused into backward reads Adagrad's `sum` stacked per core, each core's optimizer
     state a view of it; after load_state_dict (a resume) replaced those tensors, the next lookup
     stacks the loaded values again and steps the same as the run it was saved from."""
-    from tests.test_tt import emb_cfg, kjt, random_bags
-
     tables = [TableSpec("t_A", 5000, 16, ("A",)), TableSpec("t_B", 900, 16, ("B",))]
     gen = torch.Generator().manual_seed(0)
     batches = [kjt(["A", "B"], [random_bags(5000, 32, 2, gen), random_bags(900, 32, 2, gen)]) for _ in range(3)]
