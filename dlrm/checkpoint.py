@@ -207,7 +207,12 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
         if key == "emb" and isinstance(node, dict):
             # emb.path: where a disk store lives may move too. emb.resume: written into the
             # config by runs before the Runtime argument existed; ignored in their checkpoints.
-            return {k: v for k, v in node.items() if k not in ("path", "resume")}
+            # emb.kernel (and emb.tt.kernel under emb=cached): TT's C kernels or PyTorch ops
+            # train the same cores and Adagrad state, so either resumes the other's checkpoint.
+            node = {k: v for k, v in node.items() if k not in ("path", "resume", "kernel")}
+            if isinstance(node.get("tt"), dict):
+                node["tt"] = {k: v for k, v in node["tt"].items() if k != "kernel"}
+            return node
         if key == "optim" and isinstance(node, dict) and isinstance(node.get("sparse"), dict):
             # before optim.sparse.kernel existed, every table ran in fbgemm's kernel
             return {**node, "sparse": {"kernel": "fbgemm", **node["sparse"]}}

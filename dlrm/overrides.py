@@ -84,6 +84,9 @@ def check_override_keys(argv: list[str], keys: set[str] | None = None) -> str | 
             continue
         keys = known_keys() if keys is None else keys  # read only when an override needs it (45 ms)
         if key in keys:
+            other = _other_choice_only(key, argv, keys_of_choice)
+            if other:
+                return other
             continue
         # inside an open option (null or {} in the files: emb.shapes, data.multi_hot): Hydra's call
         if any(_is_open(".".join(parts[:n]), keys) for n in range(2, len(parts))):
@@ -94,6 +97,61 @@ def check_override_keys(argv: list[str], keys: set[str] | None = None) -> str | 
         hint = f"did you mean {close[0]}?" if close else f"python -m dlrm.train --cfg job lists the {parts[0]} settings"
         return f"error: {key} is not a setting ({hint})"
     return None
+
+
+def _chosen(group: str, argv: list[str], conf_dir: Path) -> str | None:
+    """The one option of config `group` this command line runs: its `group=X` override, else
+    config.yaml's default; None for a sweep over several, or when an experiment may choose it."""
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+") == group:
+            return value if "," not in value and "(" not in value else None
+        if eq and key.lstrip("+").startswith("experiment"):
+            return None
+    for entry in (yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}).get("defaults", []):
+        if isinstance(entry, dict) and group in entry:
+            return entry[group]
+    return None
+
+
+def keys_of_choice(group: str, choice: str, conf_dir: Path = CONF_DIR) -> set[str]:
+    """The dotted keys `group=choice` can set: its file's and those of the same group's files its
+    `defaults` list (emb/hashed.yaml builds on emb/full.yaml)."""
+    path = conf_dir / group / f"{choice}.yaml"
+    if not path.is_file():
+        return set()
+    node = yaml.safe_load(path.read_text()) or {}
+    keys: set[str] = set()
+
+    def add(sub, prefix: str) -> None:
+        for k, v in sub.items():
+            if k in ("defaults", "hydra"):
+                continue
+            keys.add(prefix + str(k))
+            if isinstance(v, dict):
+                add(v, f"{prefix}{k}.")
+
+    add(node, f"{group}.")
+    for base in node.get("defaults", []):
+        if isinstance(base, str) and base != "_self_":
+            keys |= keys_of_choice(group, base, conf_dir)
+    return keys
+
+
+def _other_choice_only(key: str, argv: list[str], keys_of) -> str | None:
+    """The one-line error for an `emb.` key that exists, but only under another `emb=` choice than
+    the one this command runs (Hydra's message is several lines and suggests `+key`, which the
+    backend then refuses); None otherwise."""
+    group = key.split(".")[0]
+    if group != "emb":
+        return None
+    choice = _chosen(group, argv, CONF_DIR)
+    if choice is None or key in keys_of(group, choice):
+        return None
+    owners = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if key in keys_of(group, p.stem))
+    nested = sorted(k for k in keys_of(group, choice) if k.endswith("." + key.split(".", 1)[1]))
+    hint = f"; did you mean {nested[0]}?" if nested else ""
+    return f"error: {key} is not a setting of {group}={choice} (it is one of {group}={', '.join(owners)}){hint}"
 
 
 def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:

@@ -38,6 +38,7 @@ from dlrm.distributed import run as dist_run
 from dlrm.embeddings import Runtime
 from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.embeddings.budget import BudgetUnreachable
+from dlrm.embeddings.policy import SplitEmbeddings
 from dlrm.embeddings.tables import table_kernel
 from dlrm.io import atomic_write_text
 from dlrm.malloc import huge_pages_available
@@ -99,10 +100,17 @@ def compressed_tables(embeddings: torch.nn.Module, emb: DictConfig) -> int:
 
     A compressing backend that takes none (no table reaches `emb.min_rows`, e.g. with a small
     `data.max_cardinality`) trains plain full tables under its own name: warn, naming the key.
-    Counted from the backend contract (`EmbeddingBackend.name` / `.tables` of each leaf)."""
+    Counted from the backend contract (`EmbeddingBackend.name` / `.tables`): the outermost
+    modules of the chosen backend (a `cached` cache holds its store's backend, e.g. `tt`, inside)."""
+
+    def ours_in(module: torch.nn.Module) -> int:
+        if isinstance(module, EmbeddingBackend) and module.name == emb.name and not isinstance(module, SplitEmbeddings):
+            return len(module.tables)
+        return sum(ours_in(child) for child in module.children())
+
     leaves = [m for m in embeddings.modules() if isinstance(m, EmbeddingBackend)
               and not any(isinstance(c, EmbeddingBackend) for c in list(m.modules())[1:])]
-    ours = sum(len(m.tables) for m in leaves if m.name == emb.name)
+    ours = ours_in(embeddings)
     if emb.name != "full" and ours == 0:
         largest = max(t.rows for m in leaves for t in m.tables)
         log.warning(

@@ -203,3 +203,24 @@ def test_a_checkpoint_during_warm_up_is_not_subtracted_from_the_timed_window(
     res = run(cfg, tmp_path / "r")
     steps_only = res["global_batch_size"] / (res["step_time_ms"] / 1e3)  # samples/s of the median step
     assert 0 < res["samples_per_s"] <= 2 * steps_only
+
+
+@pytest.mark.parametrize("store", ["tt", "cached_tt"])
+def test_a_tt_checkpoint_resumes_under_the_other_tt_kernel(store, compose_cfg, tiny_dataset, tmp_path):
+    """emb.kernel (emb.tt.kernel under emb=cached) picks TT's C kernels or PyTorch ops: the same
+    cores and Adagrad state, so a checkpoint written under one resumes under the other (and ends
+    where an uninterrupted run does, up to the kernels' fp32 rounding); other TT settings still
+    refuse."""
+    extra = BACKENDS[store]
+    key = "emb.kernel" if store == "tt" else "emb.tt.kernel"
+    straight = run(compose_cfg(*extra, f"{key}=native", "trainer.max_steps=16"), tmp_path / "straight")
+    run(compose_cfg(*extra, f"{key}=native", "trainer.max_steps=8", "trainer.checkpoint_every=8"), tmp_path / "first")
+    resumed = run(
+        compose_cfg(*extra, f"{key}=torch", "trainer.max_steps=16", f"trainer.resume={tmp_path / 'first'}"),
+        tmp_path / "resumed",
+    )
+    assert resumed["resumed_from_step"] == 8
+    assert _metrics(resumed) == pytest.approx(_metrics(straight), abs=1e-4)
+    with pytest.raises(ValueError, match=r"rank=4 in the checkpoint, 8 now"):
+        run(compose_cfg(*extra[:-1], "rank=8", "trainer.max_steps=16", f"trainer.resume={tmp_path / 'first'}"),
+            tmp_path / "refused")

@@ -218,6 +218,12 @@ def test_compressing_backend_that_compresses_nothing_says_so(compose_cfg, tiny_d
     sizes = DatasetMeta.load(tiny_dataset).cardinalities.values()
     assert results["compressed_tables"] == sum(n >= 1500 for n in sizes) > 0
     assert "compresses no table" not in caplog.text
+    # a cache counts the tables it caches (its store's backend, e.g. TT cores, sits inside it)
+    for store in ("host", "tt"):
+        results = run(compose_cfg("emb=cached", f"emb.store={store}", "emb.min_rows=1500", "rank=4",
+                                  "trainer.max_steps=3"), tmp_path / store)  # fmt: skip
+        assert results["compressed_tables"] == sum(n >= 1500 for n in sizes)
+    assert "compresses no table" not in caplog.text
 
 
 # ----------------------------------------------------------------------------- 13: override quoting

@@ -263,9 +263,18 @@ def test_a_misspelled_key_is_one_line_naming_the_closest_setting(tmp_path):
     keys = known_keys()
     assert {"trainer.max_steps", "emb.rank", "optim.sparse.kernel", "data.eval_rows"} <= keys
     for fine in (["trainer.max_steps=5", "emb=tt", "rank=8"], ["emb.shapes.C3.rows=[1,2]"],
-                 ["data.multi_hot.C1=3"], ["+trainer.foo=1"], ["hydra.run.dir=x"], ["emb.tt.rank=4"],
-                 ["-m", "optim.dense.lr=0.1,0.2"]):
+                 ["data.multi_hot.C1=3"], ["+trainer.foo=1"], ["hydra.run.dir=x"], ["emb=cached", "emb.tt.rank=4"],
+                 ["-m", "optim.dense.lr=0.1,0.2"], ["-m", "emb=tt,hashed", "emb.kernel=torch"],
+                 ["+experiment=compression_grid", "emb.kernel=torch"]):
         assert check_override_keys(fine, keys) is None, fine
+    # a key of another backend than the one chosen (Hydra: several lines, suggesting +key)
+    assert check_override_keys(["emb=hashed", "emb.kernel=torch"], keys) == (
+        "error: emb.kernel is not a setting of emb=hashed (it is one of emb=tt)"
+    )
+    assert check_override_keys(["emb.tt.rank=4"], keys) == (
+        "error: emb.tt.rank is not a setting of emb=full (it is one of emb=cached)"
+    )
+    assert check_override_keys(["emb=cached", "emb.kernel=torch"], keys).endswith("did you mean emb.tt.kernel?")
     assert check_override_keys(["optim.sparse.kernal=torch"], keys) == (
         "error: optim.sparse.kernal is not a setting (did you mean optim.sparse.kernel?)"
     )

@@ -292,12 +292,15 @@ class TTEmbeddings(EmbeddingBackend):
         return [self._optimizer]
 
     def describe(self) -> str:
-        return "\n".join(
+        lines = [
             f"{t.name}: tt {t.rows} x {t.dim} -> {self.shapes[t.name]}, "
             f"{self.shapes[t.name].num_params:,} params, {self.table_bytes(t):,} bytes with "
             f"{self.optimizer_name} state ({t.full_bytes() / self.table_bytes(t):.0f}x smaller)"
             for t in self.tables
-        )
+        ]
+        native = use_native(self.kernel, next(self.cores.parameters()))
+        lookups = "our C kernels (tt_native.py)" if native else "PyTorch ops (tt_autograd.py)"
+        return "\n".join([*lines, f"TT lookups: {lookups}, emb.kernel={self.kernel}"])
 
 
 def _stack(tables: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:

@@ -294,7 +294,7 @@ def tt_rows_multi(
 
     Raises:
         ValueError: the shapes differ in cores, dim factors or ranks.
-        NativeKernelError: `kernel="native"` where the C kernel cannot run.
+        ConfigError: `kernel="native"` where the C kernel cannot run (names emb.kernel).
     """
     first = shapes[0]
     if any((s.dim_factors, s.ranks) != (first.dim_factors, first.ranks) for s in shapes):

@@ -11,7 +11,7 @@ The kernel is compiled on first use with the system C compiler (`$CC`, default `
 `-O3 -march=native`) into `~/.cache/dlrm/kernels` (`$XDG_CACHE_HOME` respected), keyed by the
 source, the flags and the CPU's flags, and loaded with ctypes (no Python headers, no torch headers:
 under a second to build). `emb.kernel` picks it (tt.yaml): `auto` uses it for fp32 CPU tensors when
-it builds (else the PyTorch path, with one warning), `native` requires it, `torch` never uses it.
+it builds (else the PyTorch path, with one warning), `native` requires it (else a ConfigError naming emb.kernel), `torch` never uses it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from dlrm.options import ConfigError
 
 if TYPE_CHECKING:
     from dlrm.embeddings.tt_kernels import TTShape
@@ -135,17 +137,20 @@ def _slices(lib: ctypes.CDLL, core: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def use_native(kernel: str, like: torch.Tensor) -> bool:
     """Whether a lookup on tensors like `like` runs the C kernel under `emb.kernel=kernel`.
 
-    Raises ValueError for an unknown `kernel`, NativeKernelError when `native` is asked but the
-    kernel does not build or the tensors are not fp32 on CPU."""
+    Raises ConfigError (a ValueError: one line naming emb.kernel) for an unknown `kernel`, or when
+    `native` is asked but the kernel does not build or the tensors are not fp32 on CPU."""
     if kernel not in KERNELS:
-        raise ValueError(f"emb.kernel={kernel!r}: choose one of {KERNELS}")
+        raise ConfigError(f"emb.kernel={kernel!r}: choose one of {list(KERNELS)}")
     if kernel == "torch":
         return False
     fits = like.device.type == "cpu" and like.dtype == torch.float32
     if kernel == "native":
         if not fits:
-            raise NativeKernelError(f"emb.kernel=native runs fp32 CPU cores, got {like.dtype} on {like.device}")
-        library()
+            raise ConfigError(f"emb.kernel=native runs fp32 CPU cores, got {like.dtype} on {like.device}")
+        try:
+            library()
+        except NativeKernelError as e:
+            raise ConfigError(f"emb.kernel=native: {e}; emb.kernel=torch (or auto) runs PyTorch ops") from e
         return True
     if not fits:
         return False
