@@ -49,15 +49,6 @@ def known_keys(conf_dir: Path = CONF_DIR) -> set[str]:
     file's under its group (data/*.yaml -> data.*), `# @package _global_` files' from the root;
     hydra's own settings are left out. A union over every choice (emb=tt's keys and emb=full's)."""
     keys: set[str] = set()
-
-    def add(node, prefix: str) -> None:
-        for k, v in node.items():
-            if k in ("defaults", "hydra"):
-                continue
-            keys.add(prefix + str(k))
-            if isinstance(v, dict):
-                add(v, f"{prefix}{k}.")
-
     for path in sorted(conf_dir.rglob("*.yaml")):
         rel = path.relative_to(conf_dir)
         if rel.parts[0] == "hydra":
@@ -65,8 +56,19 @@ def known_keys(conf_dir: Path = CONF_DIR) -> set[str]:
         text = path.read_text()
         node = yaml.safe_load(text) or {}  # plain YAML: 4x faster than OmegaConf for ~60 files
         glob_pkg = path.name == "config.yaml" and len(rel.parts) == 1 or "@package _global_" in text.split("\n", 1)[0]
-        add(node, "" if glob_pkg else f"{rel.parts[0]}.")
+        _add_keys(node, "" if glob_pkg else f"{rel.parts[0]}.", keys)
     return keys
+
+
+def _add_keys(node: dict, prefix: str, keys: set[str]) -> None:
+    """Every dotted key of a config file's YAML `node` under `prefix` into `keys` (not its
+    `defaults` list or hydra's settings)."""
+    for k, v in node.items():
+        if k in ("defaults", "hydra"):
+            continue
+        keys.add(prefix + str(k))
+        if isinstance(v, dict):
+            _add_keys(v, f"{prefix}{k}.", keys)
 
 
 def check_override_keys(argv: list[str], keys: set[str] | None = None) -> str | None:
@@ -122,16 +124,7 @@ def keys_of_choice(group: str, choice: str, conf_dir: Path = CONF_DIR) -> set[st
         return set()
     node = yaml.safe_load(path.read_text()) or {}
     keys: set[str] = set()
-
-    def add(sub, prefix: str) -> None:
-        for k, v in sub.items():
-            if k in ("defaults", "hydra"):
-                continue
-            keys.add(prefix + str(k))
-            if isinstance(v, dict):
-                add(v, f"{prefix}{k}.")
-
-    add(node, f"{group}.")
+    _add_keys(node, f"{group}.", keys)
     for base in node.get("defaults", []):
         if isinstance(base, str) and base != "_self_":
             keys |= keys_of_choice(group, base, conf_dir)

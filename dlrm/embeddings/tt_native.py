@@ -5,13 +5,15 @@ The PyTorch path (tt_autograd.TTRows) runs each core as batched GEMMs of tiny ma
 them; on CPU that is mostly per-matrix call overhead (docs/benchmarks.md, "TT's C kernels").
 Here level k reads each distinct prefix's partial product and its digit's core slice in place,
 `store_k[i] = store_{k-1}[src[i]] @ core_k[digit[i]]`, and backward accumulates both gradients in
-the same loop: no gather copies, no padding, no plan beyond the digits and parents.
+the same loop: no gather copies, no padding, no plan beyond the digits and parents. The batch's
+keys and their unique (`unique_keys`) and the plan (`plan`) are C passes too.
 
 The kernel is compiled on first use with the system C compiler (`$CC`, default `cc`;
 `-O3 -march=native`) into `~/.cache/dlrm/kernels` (`$XDG_CACHE_HOME` respected), keyed by the
 source, the flags and the CPU's flags, and loaded with ctypes (no Python headers, no torch headers:
 under a second to build). `emb.kernel` picks it (tt.yaml): `auto` uses it for fp32 CPU tensors when
-it builds (else the PyTorch path, with one warning), `native` requires it (else a ConfigError naming emb.kernel), `torch` never uses it.
+it builds (else the PyTorch path, with one warning), `native` requires it (else a ConfigError naming
+emb.kernel), `torch` never uses it.
 """
 
 from __future__ import annotations
@@ -87,20 +89,18 @@ def library() -> ctypes.CDLL:
                 raise NativeKernelError(f"{cc} failed to build {SOURCE.name}: {first}")
             os.replace(out, path)
     lib = ctypes.CDLL(str(path))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.tt_level_forward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, ctypes.c_int]
-    lib.tt_level_forward.restype = None
-    f32 = ctypes.c_float
-    lib.tt_level_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, ctypes.c_int, ctypes.c_int, f32, f32, p]
-    lib.tt_unique_keys.argtypes = [p, i64, p, i64, p, p, i64, p, p]
-    lib.tt_unique_keys.restype = i64
-    lib.tt_plan.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p]
-    lib.tt_plan.restype = ctypes.c_int
-    lib.tt_order_by_digit.argtypes = [p, i64, i64, p, p]
-    lib.tt_order_by_digit.restype = None
-    lib.tt_level_backward.restype = None
-    lib.tt_level_layout.argtypes = [i64, i64]
-    lib.tt_level_layout.restype = ctypes.c_int
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    signatures = {  # name: (argument types, return type), as declared in tt_chain.c
+        "tt_level_layout": ([i64, i64], i32),
+        "tt_level_forward": ([p, p, p, p, p, i64, i64, i64, i64, p, i32], None),
+        "tt_level_backward": ([p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, i32, i32, f32, f32, p], None),
+        "tt_order_by_digit": ([p, i64, i64, p, p], None),
+        "tt_plan": ([p, i64, i64, i64, i64, p, p, p, p, p], i32),
+        "tt_unique_keys": ([p, i64, p, i64, p, p, i64, p, p], i64),
+    }
+    for name, (args, result) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
     return lib
 
 
