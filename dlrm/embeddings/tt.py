@@ -3,7 +3,9 @@
 Each table the policy hands us (rows >= emb.min_rows, or those in emb.tables) becomes `cores`
 small dense tensors; row i is the product of one slice per core (see tt_kernels.py). The rest of
 the tables stay `full`. The cores are ordinary parameters stepped by the optimizer that
-`optimizers()` returns (Adagrad by default): they are a few MB, so a dense step is cheap.
+`optimizers()` returns (Adagrad by default): they are a few MB, so a dense step is cheap. Under
+the C kernels the middle cores' step runs inside backward instead (`core_update`), as fbgemm's
+fused tables do, except under torchrun, where DDP all-reduces the gradients first.
 
 No fbgemm: on CPU the lookup runs our C kernels (tt_native.py, built on first use; `emb.kernel`),
 elsewhere PyTorch ops (tt_autograd.py), so the same module runs on CPU and CUDA.
