@@ -319,3 +319,13 @@ def test_unique_keys_equals_torch_unique_and_checks_ranges():
         tt_native.unique_keys(ids, [1, 2, 3, 4], table_of, rows, stride)
     empty = tt_native.unique_keys(ids[:0], [0, 0, 0, 0], table_of, rows, stride)
     assert empty[0].numel() == 0 and empty[1].numel() == 0
+
+
+def test_an_unwritable_kernel_cache_is_a_build_error_auto_runs_pytorch(fresh_build, monkeypatch):
+    blocker = fresh_build / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # ~/.cache/dlrm/kernels cannot be made under a file
+    with pytest.raises(NativeKernelError, match=r"cannot build tt_chain.c into .*not-a-dir/dlrm/kernels"):
+        tt_native.library()
+    assert not use_native("auto", torch.zeros(3, 1, 2, 4))
+

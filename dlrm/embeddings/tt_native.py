@@ -69,7 +69,8 @@ def _cache_dir() -> Path:
 def library() -> ctypes.CDLL:
     """The compiled kernel (built once per source/flags/CPU, then loaded from the cache).
 
-    Raises NativeKernelError: no C compiler, or it failed (its first error line)."""
+    Raises NativeKernelError: no C compiler, it failed (its first error line), or the cache dir
+    cannot be written."""
     cc = os.environ.get("CC", "cc")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([cc, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
@@ -77,17 +78,20 @@ def library() -> ctypes.CDLL:
     if not path.exists():
         if shutil.which(cc) is None:
             raise NativeKernelError(f"no C compiler ({cc!r} not on PATH; set $CC) to build {SOURCE.name}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # build beside the target, then rename: a concurrent job never loads a half-written file
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            out = Path(tmp) / path.name
-            done = subprocess.run(
-                [cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, check=False
-            )
-            if done.returncode != 0:
-                first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
-                raise NativeKernelError(f"{cc} failed to build {SOURCE.name}: {first}")
-            os.replace(out, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # build beside the target, then rename: a concurrent job never loads a half-written file
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                out = Path(tmp) / path.name
+                done = subprocess.run(
+                    [cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, check=False
+                )
+                if done.returncode != 0:
+                    first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
+                    raise NativeKernelError(f"{cc} failed to build {SOURCE.name}: {first}")
+                os.replace(out, path)
+        except OSError as e:  # an unwritable cache dir, or the compiler could not be started
+            raise NativeKernelError(f"cannot build {SOURCE.name} into {path.parent}: {e}") from e
     lib = ctypes.CDLL(str(path))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures = {  # name: (argument types, return type), as declared in tt_chain.c
