@@ -86,7 +86,7 @@ def check_override_keys(argv: list[str], keys: set[str] | None = None) -> str | 
             continue
         keys = known_keys() if keys is None else keys  # read only when an override needs it (45 ms)
         if key in keys:
-            other = _other_choice_only(key, argv, keys_of_choice)
+            other = _other_choice_only(key, argv)
             if other:
                 return other
             continue
@@ -131,7 +131,7 @@ def keys_of_choice(group: str, choice: str, conf_dir: Path = CONF_DIR) -> set[st
     return keys
 
 
-def _other_choice_only(key: str, argv: list[str], keys_of) -> str | None:
+def _other_choice_only(key: str, argv: list[str]) -> str | None:
     """The one-line error for an `emb.` key that exists, but only under another `emb=` choice than
     the one this command runs (Hydra's message is several lines and suggests `+key`, which the
     backend then refuses); None otherwise."""
@@ -139,10 +139,13 @@ def _other_choice_only(key: str, argv: list[str], keys_of) -> str | None:
     if group != "emb":
         return None
     choice = _chosen(group, argv, CONF_DIR)
-    if choice is None or key in keys_of(group, choice):
+    if choice is None:
         return None
-    owners = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if key in keys_of(group, p.stem))
-    nested = sorted(k for k in keys_of(group, choice) if k.endswith("." + key.split(".", 1)[1]))
+    own = keys_of_choice(group, choice)
+    if key in own:
+        return None
+    owners = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if key in keys_of_choice(group, p.stem))
+    nested = sorted(k for k in own if k.endswith("." + key.split(".", 1)[1]))
     hint = f"; did you mean {nested[0]}?" if nested else ""
     return f"error: {key} is not a setting of {group}={choice} (it is one of {group}={', '.join(owners)}){hint}"
 

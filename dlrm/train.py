@@ -108,11 +108,9 @@ def compressed_tables(embeddings: torch.nn.Module, emb: DictConfig) -> int:
             return len(module.tables)
         return sum(ours_in(child) for child in module.children())
 
-    leaves = [m for m in embeddings.modules() if isinstance(m, EmbeddingBackend)
-              and not any(isinstance(c, EmbeddingBackend) for c in list(m.modules())[1:])]
     ours = ours_in(embeddings)
     if emb.name != "full" and ours == 0:
-        largest = max(t.rows for m in leaves for t in m.tables)
+        largest = max(t.rows for m in embeddings.modules() if isinstance(m, EmbeddingBackend) for t in m.tables)
         log.warning(
             "emb=%s compresses no table: none has emb.min_rows=%s rows or more (the largest has %d), "
             "so every table stays full; lower emb.min_rows or name tables in emb.tables",
