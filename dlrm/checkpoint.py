@@ -213,6 +213,9 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
             if isinstance(node.get("tt"), dict):
                 node["tt"] = {k: v for k, v in node["tt"].items() if k != "kernel"}
             return node
+        if key == "model" and isinstance(node, dict):
+            # model.kernel: the interaction's C kernel or PyTorch ops compute the same function
+            return {k: v for k, v in node.items() if k != "kernel"}
         if key == "optim" and isinstance(node, dict) and isinstance(node.get("sparse"), dict):
             # before optim.sparse.kernel existed, every table ran in fbgemm's kernel
             return {**node, "sparse": {"kernel": "fbgemm", **node["sparse"]}}

@@ -70,7 +70,7 @@ DATA = {  # by data.name
 }
 _TOWERS = {"name": Opt(str, choices=("dlrm", "dcnv2")), "bottom_mlp": Opt(list), "top_mlp": Opt(list)}
 MODEL = {  # by model.name
-    "dlrm": _TOWERS,
+    "dlrm": {**_TOWERS, "kernel": Opt(str, choices=("auto", "native", "torch"))},
     "dcnv2": {**_TOWERS, "cross_layers": Opt(int, min=1), "low_rank": Opt(int, min=1)},
 }
 OPTIM = {
@@ -80,7 +80,7 @@ OPTIM = {
         "name": Opt(str, choices=("rowwise_adagrad", "sgd", "adagrad")),
         "lr": Opt(float, min=0),
         "eps": Opt(float, min=0),
-        "kernel": Opt(str, choices=("auto", "torch", "fbgemm")),
+        "kernel": Opt(str, choices=("auto", "native", "torch", "fbgemm")),
     },
 }
 

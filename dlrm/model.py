@@ -16,14 +16,23 @@ Example::
 
 from __future__ import annotations
 
+import logging
+from functools import cache
+
 import torch
 from torch import nn
 from torchrec.models.dlrm import DenseArch, OverArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend
+from dlrm.kernels import dot_interaction
+from dlrm.kernels.build import NativeKernelError
+from dlrm.options import ConfigError
+
+log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+KERNELS = ("auto", "native", "torch")  # model.kernel: who computes the dot interaction
 
 
 def cpu_has_native_bf16() -> bool:
@@ -43,6 +52,37 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def interaction_kernel(kernel: str, device: torch.device, dim: int = 16, features: int = 26) -> str:
+    """`model.kernel` resolved to `native` (our C kernel, dlrm/kernels/dot_interaction.py) or
+    `torch` (`_PairwiseDots`' batched GEMMs), for `features` embeddings of width `dim`. auto =
+    native on CPU where it builds (else torch, with one warning) and its vector path applies
+    (dim a multiple of 16, at most 31 features: the Criteo shapes; others run a scalar loop that
+    measured slower than PyTorch's), torch on CUDA.
+
+    Raises ConfigError (one line naming model.kernel) for an unknown kernel, or `native` on CUDA
+    or where the C kernel does not build."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"model.kernel={kernel!r}: choose one of {list(KERNELS)}")
+    vector_path = dim % 16 == 0 and features + 1 <= dot_interaction.MAX_VECTORS
+    if kernel == "torch" or (kernel == "auto" and (device.type != "cpu" or not vector_path)):
+        return "torch"
+    if device.type != "cpu":
+        raise ConfigError(f"model.kernel=native runs on CPU, not {device.type}: use auto or torch")
+    try:
+        dot_interaction.library()
+    except NativeKernelError as e:
+        if kernel == "native":
+            raise ConfigError(f"model.kernel=native: {e}; model.kernel=torch (or auto) runs PyTorch ops") from e
+        _warn_once(str(e))
+        return "torch"
+    return "native"
+
+
+@cache
+def _warn_once(why: str) -> None:
+    log.warning("model.kernel=auto: the dot interaction runs PyTorch ops (slower on CPU): %s", why)
 
 
 class _PairwiseDots(torch.autograd.Function):
@@ -78,11 +118,16 @@ class DotInteraction(nn.Module):
     the upper triangle of the pairwise dot products of the F+1 vectors, row-major; Naumov et al.
     2019, "Deep Learning Recommendation Model"), computed in fp32 outside autocast: on 27 x 16
     matrices bf16 is not faster (docs/benchmarks.md, "Where our step got faster"), and the top
-    MLP casts its input anyway. The backward is `_PairwiseDots`' (2x faster than torchrec's).
+    MLP casts its input anyway. `kernel` (model.kernel resolved by `interaction_kernel`): `native`
+    computes the dots in our C kernel (one sample at a time, no [B, N, N] products to gather),
+    `torch` as `_PairwiseDots` (its backward 2x faster than torchrec's).
     """
 
-    def __init__(self, num_sparse_features: int) -> None:
+    def __init__(self, num_sparse_features: int, kernel: str = "torch") -> None:
         super().__init__()
+        if kernel not in ("native", "torch"):
+            raise ValueError(f"kernel {kernel!r}: choose native or torch (interaction_kernel resolves auto)")
+        self.kernel = kernel
         n = num_sparse_features + 1
         rows, cols = torch.triu_indices(n, n, offset=1)
         self.register_buffer("flat_index", rows * n + cols, persistent=False)
@@ -95,6 +140,8 @@ class DotInteraction(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=dense.device.type, enabled=False):
             dense = dense.float()
+            if self.kernel == "native":
+                return dot_interaction.dot_interaction(dense, sparse.float())
             t = torch.cat([dense.unsqueeze(1), sparse.float()], dim=1)  # [B, F+1, D]
             return torch.cat([dense, _PairwiseDots.apply(t, self.flat_index, self.sym_index)], dim=1)
 
@@ -107,6 +154,7 @@ class DLRM(nn.Module):
         bottom_mlp: list[int],
         top_mlp: list[int],
         precision: str = "fp32",
+        kernel: str = "torch",
     ) -> None:
         super().__init__()
         dims = set(embeddings.dims)
@@ -127,7 +175,7 @@ class DLRM(nn.Module):
         self.amp_dtype = AMP_DTYPES[precision]
         self.sparse_arch = embeddings
         self.dense_arch = DenseArch(dense_in, list(bottom_mlp))
-        self.inter_arch = DotInteraction(self.num_features)
+        self.inter_arch = DotInteraction(self.num_features, kernel)
         f = self.num_features
         # InteractionArch emits the dense vector plus the (F + 1) choose 2 pairwise dots.
         self.over_arch = OverArch(dim + f + f * (f - 1) // 2, list(top_mlp))

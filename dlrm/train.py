@@ -181,7 +181,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     log.info("embeddings:\n%s", embeddings.describe())
     kernel = table_kernel(cfg.optim.sparse, device)
     # our kernel's rows on transparent huge pages (dlrm/malloc.py); fbgemm allocates its own
-    huge_pages = not env.distributed and kernel == "torch" and device.type == "cpu" and huge_pages_available()
+    huge_pages = not env.distributed and kernel != "fbgemm" and device.type == "cpu" and huge_pages_available()
     log.info(
         "device %s, %d thread%s, precision %s, table kernel %s (optim.sparse.kernel=%s%s), data %s",
         device, threads, "" if threads == 1 else "s", precision,

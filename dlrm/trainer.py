@@ -41,7 +41,13 @@ from dlrm import checkpoint
 from dlrm import compile as compile_step
 from dlrm.data.loader import ParquetLoader
 from dlrm.embeddings.base import EmbeddingBackend
-from dlrm.embeddings.tables import load_portable_tables, portable_tables, table_kernel, with_own_table_buffers
+from dlrm.embeddings.tables import (
+    load_portable_tables,
+    portable_tables,
+    table_kernel,
+    table_layout,
+    with_own_table_buffers,
+)
 from dlrm.malloc import keep_freed_memory
 from dlrm.metrics import EvalMetrics
 from dlrm.model import DLRM
@@ -154,7 +160,7 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.tele = telemetry
         self.device = device
-        self.table_kernel = table_kernel(cfg.optim.sparse, device)  # whose layout checkpoints hold
+        self.table_kernel = table_layout(table_kernel(cfg.optim.sparse, device))  # whose layout checkpoints hold
         self.dense_params = model.dense_parameters()
         self.optimizers = [dense_optimizer(self.dense_params, cfg.optim.dense)]
         self.optimizers += model.sparse_arch.optimizers()

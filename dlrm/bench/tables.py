@@ -1,4 +1,4 @@
-"""The tables alone, lookup + backward + fused update: our kernel against fbgemm's TBE.
+"""The tables alone, lookup + backward + fused update: our kernels (C and PyTorch ops) against fbgemm's TBE.
 
 Kaggle-size tables (26 tables, 33.8M rows, dim 16), Zipf batches of one id per feature, both
 kernels built by `fused_tables` (the same init) and stepped on the same batches, interleaved in
@@ -23,7 +23,7 @@ from dlrm.data.schema import KAGGLE_CARDINALITIES
 from dlrm.embeddings import TableSpec
 from dlrm.embeddings.tables import fused_tables
 
-KERNELS = ("fbgemm", "torch")
+KERNELS = ("fbgemm", "torch", "native")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlrm.embeddings.table_native import LookupNative
 from dlrm.malloc import advise_huge_pages
 
 OPTIMIZERS = ("sgd", "rowwise_adagrad", "adagrad")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+KERNELS = ("torch", "native")  # who computes: these PyTorch ops, or our C kernels (table_native.py)
 
 
 class BatchedTables(nn.Module):
@@ -40,8 +42,10 @@ class BatchedTables(nn.Module):
     feature f's table), pooled by `pooling` (sum | mean), rows stored in `precision` (fp32 | fp16)
     and trained by `optimizer` (sgd | rowwise_adagrad | adagrad, learning rate `lr`, `eps`) inside
     backward. Weights start at zero: initialize them through `split_embedding_weights()`.
+    `kernel`: `torch` computes with the PyTorch ops below, `native` (CPU only) with our C kernels
+    (table_native.py); both hold the same buffers, so either loads the other's state.
 
-    Raises ValueError for an unknown optimizer, pooling or precision.
+    Raises ValueError for an unknown optimizer, pooling, precision or kernel.
     """
 
     def __init__(
@@ -54,8 +58,12 @@ class BatchedTables(nn.Module):
         pooling: str = "sum",
         precision: str = "fp32",
         device: torch.device | None = None,
+        kernel: str = "torch",
     ) -> None:
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel {kernel!r}: choose one of {KERNELS}")
+        self.kernel = kernel
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {optimizer!r}: choose one of {OPTIMIZERS}")
         if pooling not in ("sum", "mean"):
@@ -99,6 +107,11 @@ class BatchedTables(nn.Module):
         place = [self.placement[t] for t in self.feature_table_map]
         self.feature_group = torch.tensor([g for g, _ in place], dtype=torch.int64, device=device)  # [F]
         self.feature_row_offset = torch.tensor([r for _, r in place], dtype=torch.int64, device=device)  # [F]
+        # The C kernels' view of each group: its features, their tables' first rows and row counts.
+        self.native_groups = [
+            (idx, self.group_row_offsets[g], torch.tensor([self.shapes[self.feature_table_map[f]][0] for f in fs]))
+            for g, (fs, idx) in enumerate(zip(self.group_features, self.group_feature_index))
+        ]
         # autograd calls backward only for outputs that depend on a tensor requiring grad
         self._anchor = torch.zeros(0, device=device, requires_grad=True)
 
@@ -128,6 +141,8 @@ class BatchedTables(nn.Module):
             raise ValueError("per_sample_weights need sum pooling")
         # Without autograd (evaluation) there is no backward to prepare: each id's row is gathered
         # directly, no sort of the batch's ids (eval's table lookups measured 2x faster so).
+        if self.kernel == "native":
+            return LookupNative.apply(self._anchor, self, indices, offsets, per_sample_weights, torch.is_grad_enabled())
         return _Lookup.apply(self._anchor, self, indices, offsets, per_sample_weights, torch.is_grad_enabled())
 
     # ------------------------------------------------------------------ per dim group

@@ -3,10 +3,12 @@
 A batched-tables module looks up all tables in one call and applies SGD / (row-wise) Adagrad
 inside backward, touching only the rows the batch used; a plain `nn.EmbeddingBag` with a dense
 optimizer instead writes a rows-sized gradient every step (benchmarked in docs/benchmarks.md).
-Two kernels have that contract, chosen by `optim.sparse.kernel`: fbgemm's
+Two modules have that contract, chosen by `optim.sparse.kernel`: fbgemm's
 `SplitTableBatchedEmbeddingBagsCodegen` (TBE, the kernel under torchrec's fused tables; the
 default on CUDA) and ours, `table_kernel.BatchedTables` (the default on CPU, where fbgemm 1.8's
-fused backward measured 2-3x slower). Both give the same updates (tests/test_table_kernel.py).
+fused backward measured 2-3x slower), which computes in our C kernels (`native`,
+table_native.py; the CPU default where a C compiler builds them) or in PyTorch ops (`torch`).
+All give the same updates (tests/test_table_kernel.py).
 
 We call TBE directly rather than through torchrec's FusedEmbeddingBagCollection: our KJT is
 already key-major (the layout TBE wants), so this saves a split/concat per feature, and int64
@@ -18,8 +20,10 @@ of an id transform), mde (its blocks), cached (its cache).
 
 from __future__ import annotations
 
+import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
@@ -32,8 +36,13 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 )
 from omegaconf import DictConfig
 
+from dlrm.embeddings import table_native
 from dlrm.embeddings.base import POOLINGS, TableSpec
 from dlrm.embeddings.table_kernel import BatchedTables
+from dlrm.kernels.build import NativeKernelError
+from dlrm.options import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Optimizers fbgemm runs fused on CPU (Adam is GPU-only there).
 FUSED_OPTIMIZERS = {
@@ -52,7 +61,7 @@ POOLING = dict(zip(POOLINGS, (PoolingMode.SUM, PoolingMode.MEAN)))
 WEIGHTS_PRECISIONS = {"fp32": SparseType.FP32, "fp16": SparseType.FP16}
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2}
 # optim.sparse.kernel: whose code runs the lookup and the fused update (table_kernel.py says why).
-KERNELS = ("auto", "torch", "fbgemm")
+KERNELS = ("auto", "native", "torch", "fbgemm")
 INIT_CHUNK_ROWS = 1 << 20  # rows initialized per call, so a 10M-row init stays interruptible
 
 
@@ -114,14 +123,43 @@ def row_bytes(dim: int, optim_name: str, precision: str = "fp32") -> int:
 
 
 def table_kernel(optim: DictConfig, device: torch.device) -> str:
-    """`optim.sparse.kernel` resolved: `torch` (table_kernel.py) or `fbgemm`. auto = torch on CPU,
-    where it measured 2-3x faster than fbgemm's CPU backward, fbgemm on CUDA."""
+    """`optim.sparse.kernel` resolved: `native` (our C kernels, table_native.py), `torch` (our
+    PyTorch ops, table_kernel.py) or `fbgemm`. auto = fbgemm on CUDA; on CPU, where ours measured
+    2-3x faster than fbgemm's backward, native where it builds, else torch with one warning.
+
+    Raises ConfigError (one line naming optim.sparse.kernel) for an unknown kernel, or `native`
+    on CUDA or where the C kernels do not build."""
     kernel = optim.get("kernel", "auto")
     if kernel not in KERNELS:
-        raise ValueError(f"optim.sparse.kernel={kernel!r}: choose one of {list(KERNELS)}")
+        raise ConfigError(f"optim.sparse.kernel={kernel!r}: choose one of {list(KERNELS)}")
     if kernel == "auto":
-        return "fbgemm" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "fbgemm"
+        try:
+            table_native.library()
+        except NativeKernelError as e:
+            _warn_once(str(e))
+            return "torch"
+        return "native"
+    if kernel == "native":
+        if device.type != "cpu":
+            raise ConfigError(f"optim.sparse.kernel=native runs on CPU, not {device.type}: use auto or fbgemm")
+        try:
+            table_native.library()
+        except NativeKernelError as e:
+            raise ConfigError(f"optim.sparse.kernel=native: {e}; optim.sparse.kernel=torch (or auto) runs PyTorch ops") from e
     return kernel
+
+
+@cache
+def _warn_once(why: str) -> None:
+    log.warning("optim.sparse.kernel=auto: tables run in PyTorch ops (slower on CPU): %s", why)
+
+
+def table_layout(kernel: str) -> str:
+    """Whose buffers a resolved `table_kernel` keeps its tables in, as checkpoints record it:
+    `torch` (BatchedTables, for both our kernels) or `fbgemm`."""
+    return "fbgemm" if kernel == "fbgemm" else "torch"
 
 
 def fused_tables(
@@ -147,10 +185,11 @@ def fused_tables(
     if pooling not in POOLING:
         raise ValueError(f"emb.pooling={pooling!r}: choose one of {sorted(POOLING)}")
     feature_table_map = [i for i, t in enumerate(tables) for _ in t.features]
-    if table_kernel(optim, device) == "torch":
+    kernel = table_kernel(optim, device)
+    if kernel != "fbgemm":
         module = BatchedTables(
             [(t.rows, t.dim) for t in tables], feature_table_map, optim.name, optim.lr,
-            optim.get("eps", 1e-8), pooling, precision, device,
+            optim.get("eps", 1e-8), pooling, precision, device, kernel,
         )
         if init:
             with torch.no_grad():

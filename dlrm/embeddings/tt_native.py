@@ -1,4 +1,4 @@
-"""TT lookup on CPU through our C kernels (native/tt_chain.c): the chain product one core at a time.
+"""TT lookup on CPU through our C kernels (dlrm/kernels/tt_chain.c): the chain product one core at a time.
 
 The PyTorch path (tt_autograd.TTRows) runs each core as batched GEMMs of tiny matrices (rank 32:
 [8, 32] @ [32, 64] per digit chunk) plus the gathers and scatters that lay the prefixes out for
@@ -8,31 +8,32 @@ Here level k reads each distinct prefix's partial product and its digit's core s
 the same loop: no gather copies, no padding, no plan beyond the digits and parents. The batch's
 keys and their unique (`unique_keys`) and the plan (`plan`) are C passes too.
 
-The kernel is compiled on first use with the system C compiler (`$CC`, default `cc`;
-`-O3 -march=native`) into `~/.cache/dlrm/kernels` (`$XDG_CACHE_HOME` respected), keyed by the
-source, the flags and the CPU's flags, and loaded with ctypes (no Python headers, no torch headers:
-under a second to build). `emb.kernel` picks it (tt.yaml): `auto` uses it for fp32 CPU tensors when
-it builds (else the PyTorch path, with one warning), `native` requires it (else a ConfigError naming
-emb.kernel), `torch` never uses it.
+The kernel is compiled on first use with the system C compiler and loaded with ctypes
+(dlrm/kernels/build.py: cached in `~/.cache/dlrm/kernels`, under a second to build). `emb.kernel` picks it
+(tt.yaml): `auto` uses it for fp32 CPU tensors when it builds (else the PyTorch path, with one
+warning), `native` requires it (else a ConfigError naming emb.kernel), `torch` never uses it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from dlrm.kernels.build import (
+    F32,
+    I32,
+    I64,
+    SOURCES,
+    NativeKernelError,
+    P,
+    load,
+)
+from dlrm.kernels.build import ptr as _ptr
 from dlrm.options import ConfigError
 
 if TYPE_CHECKING:
@@ -40,72 +41,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "tt_chain.c"
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu99", "-fopenmp"]
+SOURCE = SOURCES / "tt_chain.c"
 KERNELS = ("auto", "native", "torch")
-
-
-class NativeKernelError(RuntimeError):
-    """The C kernel could not be built or loaded (the message says why: no compiler, its error)."""
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (-march=native builds for them), for the cache key."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "dlrm" / "kernels"
+SIGNATURES = {  # name: (argument types, return type), as declared in tt_chain.c
+    "tt_level_layout": ([I64, I64], I32),
+    "tt_level_forward": ([P, P, P, P, P, I64, I64, I64, I64, P, I32], None),
+    "tt_level_backward": (
+        [P, P, P, P, P, I64, I64, I64, I64, I64, P, P, P, I64, I32, I32, F32, F32, P], None
+    ),
+    "tt_order_by_digit": ([P, I64, I64, P, P], None),
+    "tt_plan": ([P, I64, I64, I64, I64, P, P, P, P, P], I32),
+    "tt_unique_keys": ([P, I64, P, I64, P, P, I64, P, P], I64),
+}
+__all__ = ["CoreUpdate", "NativeKernelError", "TTRowsNative", "library", "plan", "unique_keys", "use_native"]
 
 
 @cache
 def library() -> ctypes.CDLL:
-    """The compiled kernel (built once per source/flags/CPU, then loaded from the cache).
-
-    Raises NativeKernelError: no C compiler, it failed (its first error line), or the cache dir
-    cannot be written."""
-    cc = os.environ.get("CC", "cc")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"tt_chain-{key}.so"
-    if not path.exists():
-        if shutil.which(cc) is None:
-            raise NativeKernelError(f"no C compiler ({cc!r} not on PATH; set $CC) to build {SOURCE.name}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # build beside the target, then rename: a concurrent job never loads a half-written file
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                out = Path(tmp) / path.name
-                done = subprocess.run(
-                    [cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, check=False
-                )
-                if done.returncode != 0:
-                    first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
-                    raise NativeKernelError(f"{cc} failed to build {SOURCE.name}: {first}")
-                os.replace(out, path)
-        except OSError as e:  # an unwritable cache dir, or the compiler could not be started
-            raise NativeKernelError(f"cannot build {SOURCE.name} into {path.parent}: {e}") from e
-    lib = ctypes.CDLL(str(path))
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    signatures = {  # name: (argument types, return type), as declared in tt_chain.c
-        "tt_level_layout": ([i64, i64], i32),
-        "tt_level_forward": ([p, p, p, p, p, i64, i64, i64, i64, p, i32], None),
-        "tt_level_backward": ([p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, i32, i32, f32, f32, p], None),
-        "tt_order_by_digit": ([p, i64, i64, p, p], None),
-        "tt_plan": ([p, i64, i64, i64, i64, p, p, p, p, p], i32),
-        "tt_unique_keys": ([p, i64, p, i64, p, p, i64, p, p], i64),
-    }
-    for name, (args, result) in signatures.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, result
-    return lib
+    """tt_chain.c compiled and loaded (dlrm.kernels.build.load). Raises NativeKernelError."""
+    return load(SOURCE, SIGNATURES)
 
 
 @dataclass
@@ -224,9 +178,6 @@ def _order_by_digit(lib: ctypes.CDLL, digit: torch.Tensor, p: int) -> torch.Tens
     lib.tt_order_by_digit(_ptr(digit), digit.numel(), p, _ptr(count), _ptr(order))
     return order
 
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 class TTRowsNative(torch.autograd.Function):
