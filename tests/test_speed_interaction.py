@@ -1,21 +1,34 @@
-"""DotInteraction against torchrec's InteractionArch: same values, same gradients, same order."""
+"""DotInteraction (PyTorch ops and our C kernel, model.kernel) against torchrec's InteractionArch:
+same values, same gradients, same order."""
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 from torchrec.models.dlrm import InteractionArch
 
-from dlrm.model import DotInteraction
+from dlrm import model as model_mod
+from dlrm.kernels import dot_interaction
+from dlrm.model import DotInteraction, interaction_kernel
+from dlrm.options import ConfigError
+
+KERNELS = ["torch", "native"]
+# (features, dim): the C kernel's scalar path (dim not a multiple of 16) and its vector path
+SHAPES = [(5, 3), (26, 16), (4, 32), (31, 16)]
 
 
-def test_matches_torchrec_values_and_gradients():
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("f, d", SHAPES)
+def test_matches_torchrec_values_and_gradients(kernel, f, d):
     torch.manual_seed(0)
-    f, d, b = 5, 3, 7
+    b = 7
     dense = torch.randn(b, d, dtype=torch.float64, requires_grad=True)
     sparse = torch.randn(b, f, d, dtype=torch.float64, requires_grad=True)
     ref = InteractionArch(f)(dense, sparse)
     # computes in fp32: compare on fp64 inputs cast down, with fp32 tolerance
-    ours = DotInteraction(f)(dense, sparse)
+    ours = DotInteraction(f, kernel)(dense, sparse)
     assert ours.shape == ref.shape == (b, d + (f + 1) * f // 2)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ref)
@@ -26,12 +39,13 @@ def test_matches_torchrec_values_and_gradients():
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_inputs_under_autocast_give_fp32_dots():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_inputs_under_autocast_give_fp32_dots(kernel):
     torch.manual_seed(1)
     dense = torch.randn(4, 2).bfloat16()
     sparse = torch.randn(4, 3, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = DotInteraction(3)(dense, sparse)
+        out = DotInteraction(3, kernel)(dense, sparse)
     assert out.dtype == torch.float32
     ref = InteractionArch(3)(dense.float(), sparse)
     torch.testing.assert_close(out, ref)
@@ -52,7 +66,62 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(fn, (dense, sparse))
 
 
-def test_an_empty_batch_passes_through():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_an_empty_batch_passes_through(kernel):
     # a rank's padded eval batch has B = 0 (dlrm/distributed): the interaction must not fail on it
-    out = DotInteraction(num_sparse_features=3)(torch.zeros(0, 4), torch.zeros(0, 3, 4))
-    assert out.shape == (0, 4 + 6)
+    out = DotInteraction(3, kernel)(torch.zeros(0, 16), torch.zeros(0, 3, 16))
+    assert out.shape == (0, 16 + 6)
+
+
+def test_the_c_kernel_gives_the_same_bits_on_one_or_two_threads_and_compiles():
+    torch.manual_seed(2)
+    dense, sparse = torch.randn(300, 16), torch.randn(300, 26, 16)
+    grad = torch.randn(300, 16 + 351)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x, y = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
+            out = DotInteraction(26, "native")(x, y)
+            out.backward(grad)
+            results.append((out, x.grad, y.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    # a custom op: torch.compile keeps it whole (fake tensors give shapes), with its backward
+    inter = DotInteraction(26, "native")
+    compiled = torch.compile(inter, backend="aot_eager", fullgraph=True)
+    x, y = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
+    out = compiled(x, y)
+    out.backward(grad)
+    torch.testing.assert_close(out, results[0][0])
+    torch.testing.assert_close(y.grad, results[0][2])
+
+
+def test_model_kernel_choice_and_its_errors(tmp_path, monkeypatch, caplog):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert interaction_kernel("auto", cpu, 16, 26) == "native"
+    assert interaction_kernel("auto", cpu, 24, 26) == "torch"  # no vector path: PyTorch's is faster
+    assert interaction_kernel("auto", cpu, 16, 40) == "torch"
+    assert interaction_kernel("native", cpu, 24, 26) == "native"  # asked for: the scalar path
+    assert interaction_kernel("auto", cuda) == "torch" and interaction_kernel("torch", cpu) == "torch"
+    with pytest.raises(ConfigError, match=r"^model.kernel='fast': choose one of \['auto', 'native', 'torch'\]$"):
+        interaction_kernel("fast", cpu)
+    with pytest.raises(ConfigError, match=r"^model.kernel=native runs on CPU, not cuda"):
+        interaction_kernel("native", cuda)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
+    monkeypatch.setenv("CC", "no-such-cc")
+    dot_interaction.library.cache_clear()
+    model_mod._warn_once.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="dlrm.model"):
+            assert interaction_kernel("auto", cpu) == "torch"
+            assert interaction_kernel("auto", cpu) == "torch"
+        assert len(caplog.records) == 1 and "no C compiler ('no-such-cc'" in caplog.records[0].getMessage()
+        with pytest.raises(ConfigError, match=r"^model.kernel=native: no C compiler .*; model.kernel=torch"):
+            interaction_kernel("native", cpu)
+    finally:
+        dot_interaction.library.cache_clear()
+        model_mod._warn_once.cache_clear()
