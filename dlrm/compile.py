@@ -6,13 +6,14 @@ and, through AOTAutograd, its backward; the embedding backend stays eager (fbgem
 fused updates). Evaluation runs eager, so no second (inference) graph is compiled.
 
 - `true` / `false`: always / never.
-- `auto`: compile on CPU where the compile time pays back (docs/benchmarks.md, "torch.compile":
-  bf16 step 45.6 -> 31.9 ms; the first step compiles in 29 s cold, 2.4 s from the cache):
-  a run of >= `AUTO_MIN_STEPS` steps (pays back a cold compile alone), or >= `AUTO_MIN_STEPS_WARM`
-  steps when this dense graph is already in the cache (an earlier run compiled it) or the run is
-  one job of a Hydra multirun (the first job's compile is reused by the others). A lone default
-  1000-step run with a cold cache stays eager: compiled, it measured 80 s against 74 s eager.
-  CUDA stays eager under `auto` (not measured).
+- `auto`: compile on CPU where the compile time pays back: a run of >= `AUTO_MIN_STEPS` steps
+  (pays back a cold compile alone), or >= `AUTO_MIN_STEPS_WARM` steps when this dense graph is
+  already in the cache (an earlier run compiled it) or the run is one job of a Hydra multirun (the
+  first job's compile is reused by the others). Since the dot interaction and the tables run in
+  our C kernels, compiling saves little (docs/benchmarks.md, "Tables and interaction in C": bf16
+  step 14.8 -> 13.9 ms) against 29 s cold or ~3.6 s from the cache, so the default 1000-step run
+  stays eager (25.5 s against 28.5 s compiled from the cache). CUDA stays eager under `auto`
+  (not measured).
 
 Compiled artifacts are cached between runs (inductor's FX graph and AOTAutograd caches) in
 `$TORCHINDUCTOR_CACHE_DIR`, by default `~/.cache/dlrm/inductor` (`$XDG_CACHE_HOME` respected), so
@@ -32,8 +33,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto", True, False)  # YAML/Hydra parse `true`/`false` as booleans
-AUTO_MIN_STEPS = 5000  # cold: 29 s / ~14 ms saved per step = ~2,100 steps, x2 margin (fp32 saves less)
-AUTO_MIN_STEPS_WARM = 500  # cached: 2.4 s / ~14 ms = ~170 steps, x3 margin
+AUTO_MIN_STEPS = 60_000  # cold: 29 s / ~0.9 ms saved per step = ~32,000 steps, x2 margin
+AUTO_MIN_STEPS_WARM = 8_000  # cached: ~3.6 s / ~0.9 ms = ~4,000 steps, x2 margin
 MARKER_DIR = "dlrm-compiled"  # in cache_dir(): one empty file per dense graph compiled here
 
 
@@ -94,7 +95,7 @@ def graph_fingerprint(model, batch_size: int) -> str:
         str(x)
         for x in (
             torch.__version__, type(model).__name__, getattr(model, "dense_arch", None),
-            getattr(model, "over_arch", None), getattr(model, "num_features", None),
+            getattr(model, "inter_arch", None), getattr(model, "over_arch", None), getattr(model, "num_features", None),
             getattr(model, "amp_dtype", None), batch_size, torch.get_num_threads(),
         )
     )

@@ -17,7 +17,9 @@ random pages of a 2.2 GB table; with 4 KiB pages nearly every row is a TLB miss 
 walk (two-dimensional, so dearer, in a VM). Asking Linux for 2 MiB transparent huge pages
 (`madvise(MADV_HUGEPAGE)`, before the memory is first touched) cut a Kaggle batch's table
 gathers and updates 2.2x in a microbenchmark (docs/benchmarks.md, "Huge pages"). Intel's
-PyTorch CPU tuning guide recommends transparent huge pages for the same reason.
+PyTorch CPU tuning guide recommends transparent huge pages for the same reason. Only the
+PyTorch-ops table kernel asks for them: our C table kernel prefetches its rows, page walks
+included, and measured the same step on 4 KiB pages while huge pages cost 2.5 s of start-up.
 `DLRM_HUGE_PAGES=off` leaves the 4 KiB pages (to measure the difference).
 """
 

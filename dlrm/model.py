@@ -137,6 +137,9 @@ class DotInteraction(nn.Module):
         sym[rows * n + cols], sym[cols * n + rows] = pair, pair
         self.register_buffer("sym_index", sym, persistent=False)
 
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}"
+
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=dense.device.type, enabled=False):
             dense = dense.float()

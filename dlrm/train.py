@@ -180,8 +180,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tele.text("embeddings", embeddings.describe())
     log.info("embeddings:\n%s", embeddings.describe())
     kernel = table_kernel(cfg.optim.sparse, device)
-    # our kernel's rows on transparent huge pages (dlrm/malloc.py); fbgemm allocates its own
-    huge_pages = not env.distributed and kernel != "fbgemm" and device.type == "cpu" and huge_pages_available()
+    # our PyTorch-ops kernel's rows on transparent huge pages (dlrm/malloc.py, table_kernel.py: not
+    # for the C kernel, which prefetches); fbgemm allocates its own
+    huge_pages = not env.distributed and kernel == "torch" and device.type == "cpu" and huge_pages_available()
     log.info(
         "device %s, %d thread%s, precision %s, table kernel %s (optim.sparse.kernel=%s%s), data %s",
         device, threads, "" if threads == 1 else "s", precision,

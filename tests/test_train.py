@@ -55,9 +55,13 @@ def test_results_record_whether_the_rows_sat_on_huge_pages(compose_cfg, tiny_dat
     monkeypatch.delenv("DLRM_HUGE_PAGES")
     caplog.clear()
     with caplog.at_level("INFO", logger="dlrm"):
-        on = run(compose_cfg("trainer.max_steps=2"), tmp_path / "on")["huge_pages"]
+        on = run(compose_cfg("trainer.max_steps=2", "optim.sparse.kernel=torch"), tmp_path / "on")["huge_pages"]
     assert on is huge_pages_available()  # True where Linux offers them (this machine: madvise)
-    assert ("optim.sparse.kernel=auto, rows on huge pages)" in caplog.text) is on
+    assert ("optim.sparse.kernel=torch, rows on huge pages)" in caplog.text) is on
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dlrm"):  # the C kernel prefetches its rows: no huge pages asked
+        assert run(compose_cfg("trainer.max_steps=2"), tmp_path / "native")["huge_pages"] is False
+    assert "table kernel native (optim.sparse.kernel=auto), data" in caplog.text
 
 
 def test_a_run_shorter_than_its_warm_up_still_reports_step_times(compose_cfg, tiny_dataset, tmp_path):

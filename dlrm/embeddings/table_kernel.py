@@ -81,11 +81,15 @@ class BatchedTables(nn.Module):
             g = self.dims.index(dim)
             self.placement.append((g, group_rows[g]))
             group_rows[g] += rows
+        # Huge pages for the PyTorch ops' random row reads only: the C kernel prefetches its rows (the
+        # page walks with them), where huge pages measured no step gain but 2.5 s more start-up for
+        # Kaggle's 2.2 GB (the kernel compacting memory for 1,100 huge pages; docs/benchmarks.md).
+        self.huge_pages = kernel == "torch"
         for g, (dim, rows) in enumerate(zip(self.dims, group_rows)):
-            self.register_buffer(f"weights_{g}", _zeros((rows, dim), DTYPES[precision], device))
+            self.register_buffer(f"weights_{g}", _zeros((rows, dim), DTYPES[precision], device, self.huge_pages))
             if optimizer != "sgd":
                 shape = (rows,) if optimizer == "rowwise_adagrad" else (rows, dim)
-                self.register_buffer(f"momentum1_{g}", _zeros(shape, torch.float32, device))
+                self.register_buffer(f"momentum1_{g}", _zeros(shape, torch.float32, device, self.huge_pages))
         # Per group: its features (in order) and the row offset of each one's table.
         self.group_features: list[list[int]] = [[] for _ in self.dims]
         for f, t in enumerate(self.feature_table_map):
@@ -182,12 +186,12 @@ class BatchedTables(nn.Module):
             weights.index_copy_(0, unique, weights.index_select(0, unique).float().add_(delta).to(weights.dtype))
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """Zeros of `shape`; on CPU backed by transparent huge pages where Linux gives them (lookups
-    read random rows: huge pages spare a TLB miss per row, dlrm/malloc.py), advised before the
-    zeros touch the memory."""
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device, huge_pages: bool) -> torch.Tensor:
+    """Zeros of `shape`; with `huge_pages`, on CPU backed by transparent huge pages where Linux
+    gives them (lookups read random rows: huge pages spare a TLB miss per row, dlrm/malloc.py),
+    advised before the zeros touch the memory."""
     t = torch.empty(shape, dtype=dtype, device=device)
-    if t.device.type == "cpu":
+    if huge_pages and t.device.type == "cpu":
         advise_huge_pages(t.data_ptr(), t.nbytes)
     return t.zero_()
 
