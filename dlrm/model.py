@@ -141,10 +141,14 @@ class DotInteraction(nn.Module):
         return f"kernel={self.kernel}"
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=dense.device.type, enabled=False):
+        device = dense.device.type
+        # under bf16 autocast the C kernel stores its output in bf16: the top MLP's input, as
+        # autocast would cast it, without a cast forward and back
+        bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+        with torch.autocast(device_type=device, enabled=False):
             dense = dense.float()
             if self.kernel == "native":
-                return dot_interaction.dot_interaction(dense, sparse.float())
+                return dot_interaction.dot_interaction(dense, sparse.float(), bf16)
             t = torch.cat([dense.unsqueeze(1), sparse.float()], dim=1)  # [B, F+1, D]
             return torch.cat([dense, _PairwiseDots.apply(t, self.flat_index, self.sym_index)], dim=1)
 

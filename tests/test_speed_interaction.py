@@ -40,15 +40,26 @@ def test_matches_torchrec_values_and_gradients(kernel, f, d):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_bf16_inputs_under_autocast_give_fp32_dots(kernel):
+def test_bf16_inputs_under_autocast_dots_in_fp32(kernel):
+    """Under bf16 autocast the dots are computed in fp32; the C kernel stores them as bf16 (the
+    top MLP's input: exactly autocast's cast of the fp32 output) and takes the bf16 gradient."""
     torch.manual_seed(1)
-    dense = torch.randn(4, 2).bfloat16()
-    sparse = torch.randn(4, 3, 2)
+    dense = torch.randn(64, 16).bfloat16().requires_grad_()
+    sparse = torch.randn(64, 3, 16, requires_grad=True)
+    inter = DotInteraction(3, kernel)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = DotInteraction(3, kernel)(dense, sparse)
-    assert out.dtype == torch.float32
-    ref = InteractionArch(3)(dense.float(), sparse)
-    torch.testing.assert_close(out, ref)
+        out = inter(dense, sparse)
+    fp32 = inter(dense.detach().float(), sparse.detach())
+    torch.testing.assert_close(fp32, InteractionArch(3)(dense.detach().float(), sparse.detach()))
+    if kernel == "torch":
+        assert out.dtype == torch.float32 and torch.equal(out, fp32)
+        return
+    assert out.dtype == torch.bfloat16 and torch.equal(out, fp32.bfloat16())
+    grad = torch.randn(out.shape).bfloat16()
+    out.backward(grad)
+    x, y = dense.detach().float().requires_grad_(), sparse.detach().clone().requires_grad_()
+    inter(x, y).backward(grad.float())  # the same gradient, widened: the same arithmetic
+    assert torch.equal(sparse.grad, y.grad) and torch.equal(dense.grad, x.grad.bfloat16())
 
 
 def test_gradcheck():

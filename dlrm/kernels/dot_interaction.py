@@ -19,8 +19,8 @@ from dlrm.kernels.build import I32, I64, P, SOURCES, load, ptr
 
 MAX_VECTORS = 32  # interaction.c's NMAX: its vector path takes F + 1 <= 32 (and D a multiple of 16)
 SIGNATURES = {  # name: (argument types, return type), as declared in interaction.c
-    "dot_forward": ([P, P, I64, I64, I64, P, I32], None),
-    "dot_backward": ([P, P, P, I64, I64, I64, P, P, I32], None),
+    "dot_forward": ([P, P, I64, I64, I64, P, I32, I32], None),
+    "dot_backward": ([P, P, P, I32, I64, I64, I64, P, P, I32], None),
 }
 
 
@@ -37,32 +37,37 @@ def _width(sparse: torch.Tensor) -> int:
 
 
 @torch.library.custom_op("dlrm::dot_interaction", mutates_args=())
-def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-    """`[B, D], [B, F, D]` fp32 CPU -> `[B, D + (F+1)F/2]` fp32 (the module docstring)."""
+def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """`[B, D], [B, F, D]` fp32 CPU -> `[B, D + (F+1)F/2]`, computed in fp32 and stored in fp32, or
+    in bf16 with `bf16` (what the top MLP reads under bf16 autocast: the same values as casting
+    the fp32 output, round to nearest even, without a second pass)."""
     dense, sparse = dense.contiguous(), sparse.contiguous()
     b, f, d = sparse.shape
-    out = dense.new_empty(b, _width(sparse))
-    library().dot_forward(ptr(dense), ptr(sparse), b, f, d, ptr(out), torch.get_num_threads())
+    out = dense.new_empty(b, _width(sparse), dtype=torch.bfloat16 if bf16 else torch.float32)
+    library().dot_forward(ptr(dense), ptr(sparse), b, f, d, ptr(out), int(bf16), torch.get_num_threads())
     return out
 
 
 @dot_interaction.register_fake
-def _(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-    return dense.new_empty(sparse.shape[0], _width(sparse))
+def _(dense: torch.Tensor, sparse: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    return dense.new_empty(sparse.shape[0], _width(sparse), dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
 @torch.library.custom_op("dlrm::dot_interaction_backward", mutates_args=())
 def dot_interaction_backward(
     dense: torch.Tensor, sparse: torch.Tensor, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients `[B, D], [B, F, D]` of `dot_interaction(dense, sparse)` for `grad [B, D +
-    pairs]`: `grad t_i = sum over j != i of grad[pair(i, j)] t_j`, plus grad's first D columns
-    for the dense vector."""
+    """The gradients `[B, D], [B, F, D]` (fp32) of `dot_interaction(dense, sparse)` for `grad [B, D
+    + pairs]` (fp32 or bf16): `grad t_i = sum over j != i of grad[pair(i, j)] t_j`, plus grad's
+    first D columns for the dense vector."""
     dense, sparse, grad = dense.contiguous(), sparse.contiguous(), grad.contiguous()
+    if grad.dtype not in (torch.float32, torch.bfloat16):
+        grad = grad.float()
     b, f, d = sparse.shape
     g_dense, g_sparse = torch.empty_like(dense), torch.empty_like(sparse)
     library().dot_backward(
-        ptr(dense), ptr(sparse), ptr(grad), b, f, d, ptr(g_dense), ptr(g_sparse), torch.get_num_threads()
+        ptr(dense), ptr(sparse), ptr(grad), int(grad.dtype == torch.bfloat16), b, f, d, ptr(g_dense), ptr(g_sparse),
+        torch.get_num_threads(),
     )
     return g_dense, g_sparse
 
@@ -73,12 +78,12 @@ def _(dense: torch.Tensor, sparse: torch.Tensor, grad: torch.Tensor) -> tuple[to
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:2])
 
 
 def _backward(ctx, grad: torch.Tensor):
     dense, sparse = ctx.saved_tensors
-    return dot_interaction_backward(dense, sparse, grad)
+    return (*dot_interaction_backward(dense, sparse, grad), None)
 
 
 dot_interaction.register_autograd(_backward, setup_context=_setup_context)

@@ -95,9 +95,26 @@ static void forward_sample(const float *dense, const float *sparse, int64_t b, i
     }
 }
 
+/* bf16 <-> fp32: round to nearest even, as torch's casts (NaN kept quiet); widening is exact. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 /* out [B, D + N(N-1)/2]: each sample's dense vector, then its pairs, from dense [B, D] and
- * sparse [B, F, D] (N = F + 1): DotInteraction's output. */
-void dot_forward(const float *dense, const float *sparse, int64_t B, int64_t F, int64_t D, float *out, int threads) {
+ * sparse [B, F, D] (N = F + 1): DotInteraction's output, fp32, or bf16 (out_bf16: what the top
+ * MLP reads under bf16 autocast, written in one pass instead of cast after). */
+void dot_forward(const float *dense, const float *sparse, int64_t B, int64_t F, int64_t D, void *out, int out_bf16,
+                 int threads) {
     const int64_t N = F + 1, P = N * (N - 1) / 2, W = D + P;
     const int vector = D % 16 == 0 && N <= NMAX;
 #pragma omp parallel num_threads(threads)
@@ -107,26 +124,37 @@ void dot_forward(const float *dense, const float *sparse, int64_t B, int64_t F, 
         for (int64_t b = 0; b < B; b++) {
             if (vector) forward_sample_v(dense, sparse, b, F, D, zl);
             else forward_sample(dense, sparse, b, F, D, zl);
-            float *o = out + b * W;
-            memcpy(o, dense + b * D, (size_t)D * sizeof(float));
-            for (int64_t p = 0; p < P; p++) o[D + p] = zl[p];
+            if (out_bf16) {
+                uint16_t *o = (uint16_t *)out + b * W;
+                for (int64_t c = 0; c < D; c++) o[c] = to_bf16(dense[b * D + c]);
+                for (int64_t p = 0; p < P; p++) o[D + p] = to_bf16(zl[p]);
+            } else {
+                float *o = (float *)out + b * W;
+                memcpy(o, dense + b * D, (size_t)D * sizeof(float));
+                for (int64_t p = 0; p < P; p++) o[D + p] = zl[p];
+            }
         }
     }
 }
 
 /* grad_dense [B, D] and grad_sparse [B, F, D] from grad [B, D + N(N-1)/2] (dot_forward's output
- * layout): grad t_i = sum over j != i of grad[pair(i, j)] t_j, plus grad's dense columns for t_0. */
-void dot_backward(const float *dense, const float *sparse, const float *grad, int64_t B, int64_t F, int64_t D,
-                  float *grad_dense, float *grad_sparse, int threads) {
+ * layout; fp32, or bf16 with grad_bf16): grad t_i = sum over j != i of grad[pair(i, j)] t_j, plus
+ * grad's dense columns for t_0. */
+void dot_backward(const float *dense, const float *sparse, const void *grad, int grad_bf16, int64_t B, int64_t F,
+                  int64_t D, float *grad_dense, float *grad_sparse, int threads) {
     const int64_t N = F + 1, W = D + N * (N - 1) / 2;
 #pragma omp parallel num_threads(threads)
     {
-        float S[N * N];  // the symmetric pair gradient, zero diagonal
+        float S[N * N], row[W];  // the symmetric pair gradient, zero diagonal; a row of grad in fp32
         const float *t[N];
         float *out[N];
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
-            const float *g = grad + b * W;
+            const float *g = row;
+            if (grad_bf16)
+                for (int64_t k = 0; k < W; k++) row[k] = from_bf16(((const uint16_t *)grad)[b * W + k]);
+            else
+                memcpy(row, (const float *)grad + b * W, (size_t)W * sizeof(float));
             for (int64_t c = 0; c < D; c++) grad_dense[b * D + c] = g[c];
             memset(grad_sparse + b * F * D, 0, (size_t)(F * D) * sizeof(float));
             g += D;
