@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 
 SOURCE = SOURCES / "tables.c"
 SIGNATURES = {  # name: (argument types, return type), as declared in tables.c
-    "tb_rows": ([P, P, I64, I64, P, P, P, P, I32, P, P, P, P], I64),
+    "tb_rows": ([P, P, I64, I64, P, P, P, P, I32, P, P, P, P, I32], I64),
     "tb_forward": ([P, I32, I64, P, P, I64, I64, P, P, I32], None),
-    "tb_sort": ([P, I64, I64, P, P, P], I64),
+    "tb_sort": ([P, I64, I64, P, P, P, I32], I64),
     "tb_backward": ([P, I32, I64, P, I32, F32, F32, P, P, P, P, I64, P, P, I32], None),
 }
 OPTIM_CODES = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": 2}  # tables.c's enum
@@ -71,7 +71,7 @@ class LookupNative(torch.autograd.Function):
             wt = torch.empty(n) if weighted else None
             bad = lib.tb_rows(
                 ptr(indices), ptr(offsets), batch, nf, ptr(feats), ptr(base), ptr(limit), ptr(psw),
-                int(tables.pooling == "mean"), ptr(rows), ptr(goffsets), ptr(gpos), ptr(wt),
+                int(tables.pooling == "mean"), ptr(rows), ptr(goffsets), ptr(gpos), ptr(wt), threads,
             )
             if bad < 0:
                 i = -bad - 1
@@ -85,7 +85,7 @@ class LookupNative(torch.autograd.Function):
             lib.tb_forward(ptr(weights), fp16, dim, ptr(rows), ptr(goffsets), nf, batch, ptr(wt), ptr(out), threads)
             if train:
                 order, unique, starts = torch.empty_like(rows), torch.empty_like(rows), rows.new_empty(n + 1)
-                u = lib.tb_sort(ptr(rows), n, weights.shape[0] - 1, ptr(order), ptr(unique), ptr(starts))
+                u = lib.tb_sort(ptr(rows), n, weights.shape[0] - 1, ptr(order), ptr(unique), ptr(starts), threads)
                 if u < 0:
                     raise MemoryError(f"no memory to sort the batch's {n} ids")
                 ctx.saved.append((g, order, unique[:u], starts, u, gpos, wt))

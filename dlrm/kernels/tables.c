@@ -13,6 +13,7 @@
  * do not depend on the thread count.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,28 +26,34 @@ enum { SGD = 0, ROWWISE_ADAGRAD = 1, ADAGRAD = 2 };
  * f * B + b of `offsets` becomes bag s * B + b of `goffsets` [nf * B + 1]; each of its ids i
  * becomes row indices[i] + base[s] of the group's tensor (rows [n]), with gpos (if not NULL) =
  * b * nf + s, its bag's slot in the pooled [B, nf], and wt (if not NULL) = its weight in the bag:
- * psw[i] (or 1), divided by the bag's length under mean pooling. Returns 0, or -(i + 1) for the
- * first id i (a position in `indices`) outside [0, limit[s]). */
+ * psw[i] (or 1), divided by the bag's length under mean pooling. Slots split over `threads`.
+ * Returns 0, or -(i + 1) for the first id i (a position in `indices`) outside [0, limit[s]). */
 int64_t tb_rows(const int64_t *indices, const int64_t *offsets, int64_t B, int64_t nf, const int64_t *feats,
                 const int64_t *base, const int64_t *limit, const float *psw, int mean, int64_t *rows,
-                int64_t *goffsets, int64_t *gpos, float *wt) {
-    int64_t n = 0;
+                int64_t *goffsets, int64_t *gpos, float *wt, int threads) {
+    int64_t first_bad = INT64_MAX;
     goffsets[0] = 0;
+    for (int64_t s = 0; s < nf; s++)  // where each slot's ids start: its feature's run of ids
+        goffsets[(s + 1) * B] = goffsets[s * B] + offsets[(feats[s] + 1) * B] - offsets[feats[s] * B];
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(min : first_bad)
     for (int64_t s = 0; s < nf; s++) {
-        const int64_t f = feats[s], add = base[s], lim = limit[s];
+        const int64_t f = feats[s], add = base[s], lim = limit[s], shift = goffsets[s * B] - offsets[f * B];
         for (int64_t b = 0; b < B; b++) {
             const int64_t k = f * B + b, lo = offsets[k], hi = offsets[k + 1];
-            for (int64_t i = lo; i < hi; i++, n++) {
-                const int64_t id = indices[i];
-                if (id < 0 || id >= lim) return -(i + 1);
+            for (int64_t i = lo; i < hi; i++) {
+                const int64_t id = indices[i], n = i + shift;
+                if (id < 0 || id >= lim) {
+                    if (i < first_bad) first_bad = i;
+                    break;
+                }
                 rows[n] = id + add;
                 if (gpos) gpos[n] = b * nf + s;
                 if (wt) wt[n] = (psw ? psw[i] : 1.0f) / (mean ? (float)(hi - lo) : 1.0f);
             }
-            goffsets[s * B + b + 1] = n;
+            goffsets[s * B + b + 1] = hi + shift;
         }
     }
-    return 0;
+    return first_bad == INT64_MAX ? 0 : -(first_bad + 1);
 }
 
 static inline __attribute__((always_inline)) float load(const void *w, int fp16, int64_t i) {
@@ -100,45 +107,64 @@ void tb_forward(const void *w, int fp16, int64_t dim, const int64_t *rows, const
  *
  * An LSD radix sort of (row << pbits | position) words, one array of 8 bytes per id (a Kaggle
  * batch's 53k ids: 426 KB, in L2), by the row's bits only, in as few passes of at most 13 bits as
- * they need (26 bits of Kaggle's 33.8M rows: 2 passes, 32 KB histograms). */
-int64_t tb_sort(const int64_t *rows, int64_t n, int64_t top, int64_t *order, int64_t *unique, int64_t *starts) {
+ * they need (26 bits of Kaggle's 33.8M rows: 2 passes, 32 KB histograms). Each of `threads`
+ * threads counts and moves its own contiguous part; the histograms' prefix sums run in
+ * (bucket, thread) order, which keeps the sort stable. */
+int64_t tb_sort(const int64_t *rows, int64_t n, int64_t top, int64_t *order, int64_t *unique, int64_t *starts,
+                int threads) {
     int pbits = 1, kbits = 1;
     while (pbits < 63 && ((int64_t)1 << pbits) < n) pbits++;
     while (kbits < 63 && (top >> kbits) > 0) kbits++;
     if (pbits + kbits > 64) return -2;
     const int passes = (kbits + 12) / 13, bits = (kbits + passes - 1) / passes;
-    const uint64_t mask = ((uint64_t)1 << bits) - 1;
+    const int64_t buckets = (int64_t)1 << bits;
+    const uint64_t mask = (uint64_t)buckets - 1;
+    if (threads < 1 || n < 4096) threads = 1;  // small batches: not worth a team
     uint64_t *buf = malloc((size_t)(2 * n + 1) * sizeof(uint64_t));
-    uint32_t *count = malloc(((size_t)1 << bits) * sizeof(uint32_t));
+    uint32_t *count = malloc((size_t)(threads * buckets) * sizeof(uint32_t));
     if (!buf || !count) {
         free(buf);
         free(count);
         return -1;
     }
-    uint64_t *v = buf, *v2 = buf + n;
-    for (int64_t i = 0; i < n; i++) v[i] = (uint64_t)rows[i] << pbits | (uint64_t)i;
-    for (int pass = 0; pass < passes; pass++) {
-        const int shift = pbits + pass * bits;
-        memset(count, 0, ((size_t)1 << bits) * sizeof(uint32_t));
-        for (int64_t j = 0; j < n; j++) count[(v[j] >> shift) & mask]++;
-        uint32_t sum = 0;
-        for (uint64_t b = 0; b <= mask; b++) {
-            const uint32_t c = count[b];
-            count[b] = sum;
-            sum += c;
+    uint64_t *sorted = buf;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        const int64_t lo = n * t / T, hi = n * (t + 1) / T;
+        uint64_t *v = buf, *v2 = buf + n;
+        uint32_t *c = count + t * buckets;
+        for (int64_t i = lo; i < hi; i++) v[i] = (uint64_t)rows[i] << pbits | (uint64_t)i;
+        for (int pass = 0; pass < passes; pass++) {
+            const int shift = pbits + pass * bits;
+            memset(c, 0, (size_t)buckets * sizeof(uint32_t));
+            for (int64_t j = lo; j < hi; j++) c[(v[j] >> shift) & mask]++;
+#pragma omp barrier
+#pragma omp single
+            {
+                uint32_t sum = 0;
+                for (int64_t b = 0; b < buckets; b++)
+                    for (int u = 0; u < T; u++) {
+                        const uint32_t k = count[u * buckets + b];
+                        count[u * buckets + b] = sum;
+                        sum += k;
+                    }
+            }  // (a barrier)
+            for (int64_t j = lo; j < hi; j++) v2[c[(v[j] >> shift) & mask]++] = v[j];
+#pragma omp barrier
+            uint64_t *swap = v; v = v2; v2 = swap;
         }
-        for (int64_t j = 0; j < n; j++) v2[count[(v[j] >> shift) & mask]++] = v[j];
-        uint64_t *swap = v; v = v2; v2 = swap;
+        if (t == 0) sorted = v;
     }
     const uint64_t pmask = ((uint64_t)1 << pbits) - 1;
     int64_t u = 0;
     for (int64_t j = 0; j < n; j++) {
-        const int64_t row = (int64_t)(v[j] >> pbits);
+        const int64_t row = (int64_t)(sorted[j] >> pbits);
         if (u == 0 || row != unique[u - 1]) {
             unique[u] = row;
             starts[u++] = j;
         }
-        order[j] = (int64_t)(v[j] & pmask);
+        order[j] = (int64_t)(sorted[j] & pmask);
     }
     starts[u] = n;
     free(buf);
