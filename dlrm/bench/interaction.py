@@ -1,4 +1,5 @@
-"""The dot interaction alone, forward + backward: torchrec's InteractionArch against ours.
+"""The dot interaction alone, forward + backward: torchrec's InteractionArch against ours (PyTorch
+ops, `model.kernel=torch`; our C kernel, `model.kernel=native`).
 
 Inputs as in a bf16 step: the bottom MLP's output in bf16, the embeddings in fp32, under bf16
 autocast (or all fp32 with --precision fp32). Interleaved, min and median over the repeats.
@@ -31,15 +32,22 @@ def main(argv: list[str] | None = None) -> dict:
     bf16 = args.precision == "bf16"
     dense = torch.randn(args.batch_size, args.dim, requires_grad=True)
     sparse = torch.randn(args.batch_size, args.features, args.dim, requires_grad=True)
-    arches = {"torchrec InteractionArch": InteractionArch(args.features), "ours DotInteraction": DotInteraction(args.features)}
+    arches = {
+        "torchrec InteractionArch": InteractionArch(args.features),
+        "ours, PyTorch ops": DotInteraction(args.features, "torch"),
+        "ours, C kernel": DotInteraction(args.features, "native"),
+    }
     times: dict[str, list[float]] = {k: [] for k in arches}
+    grad = None
     for i in range(args.repeats):
         for name in list(arches) if i % 2 else list(arches)[::-1]:
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 d = dense.bfloat16() if bf16 else dense
                 out = arches[name](d, sparse)
-            out.float().sum().backward()
+            if grad is None:
+                grad = torch.randn(out.shape)
+            out.backward(grad.to(out.dtype))  # the top MLP's gradient, in the output's dtype
             times[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for name, ts in times.items():
