@@ -9,8 +9,6 @@ import pytest
 import torch
 from torchrec.models.dlrm import InteractionArch
 
-from dlrm import model as model_mod
-from dlrm.kernels import dot_interaction
 from dlrm.model import DotInteraction, interaction_kernel
 from dlrm.options import ConfigError
 
@@ -111,7 +109,7 @@ def test_the_c_kernel_gives_the_same_bits_on_one_or_two_threads_and_compiles():
     torch.testing.assert_close(y.grad, results[0][2])
 
 
-def test_model_kernel_choice_and_its_errors(tmp_path, monkeypatch, caplog):
+def test_model_kernel_choice_and_its_errors():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert interaction_kernel("auto", cpu, 16, 26) == "native"
     assert interaction_kernel("auto", cpu, 24, 26) == "torch"  # no vector path: PyTorch's is faster
@@ -122,17 +120,18 @@ def test_model_kernel_choice_and_its_errors(tmp_path, monkeypatch, caplog):
         interaction_kernel("fast", cpu)
     with pytest.raises(ConfigError, match=r"^model.kernel=native runs on CPU, not cuda"):
         interaction_kernel("native", cuda)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
-    monkeypatch.setenv("CC", "no-such-cc")
-    dot_interaction.library.cache_clear()
-    model_mod._warn_once.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="dlrm.model"):
-            assert interaction_kernel("auto", cpu) == "torch"
-            assert interaction_kernel("auto", cpu) == "torch"
-        assert len(caplog.records) == 1 and "no C compiler ('no-such-cc'" in caplog.records[0].getMessage()
-        with pytest.raises(ConfigError, match=r"^model.kernel=native: no C compiler .*; model.kernel=torch"):
-            interaction_kernel("native", cpu)
-    finally:
-        dot_interaction.library.cache_clear()
-        model_mod._warn_once.cache_clear()
+
+
+def test_without_a_compiler_auto_warns_once_and_native_is_one_line(no_compiler, caplog):
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="dlrm.model"):
+        assert interaction_kernel("auto", cpu) == "torch"
+        assert interaction_kernel("auto", cpu) == "torch"
+    assert [r.getMessage() for r in caplog.records] == [
+        (
+            "model.kernel=auto: the dot interaction runs PyTorch ops (slower on CPU): "
+            "no C compiler ('no-such-cc' not on PATH; set $CC) to build interaction.c"
+        )
+    ]
+    with pytest.raises(ConfigError, match=r"^model.kernel=native: no C compiler .*; model.kernel=torch"):
+        interaction_kernel("native", cpu)

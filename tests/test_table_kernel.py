@@ -10,8 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dlrm.embeddings import TableSpec, build_embeddings, table_native
-from dlrm.embeddings import tables as toolkit
+from dlrm.embeddings import TableSpec, build_embeddings
 from dlrm.embeddings.table_kernel import BatchedTables
 from dlrm.embeddings.tables import fused_tables, table_kernel, table_layout, tbe_bytes
 from dlrm.options import ConfigError
@@ -151,24 +150,18 @@ def test_kernel_choice_and_its_error():
         table_kernel(optim("sgd", "native"), torch.device("cuda"))
 
 
-def test_without_a_compiler_auto_warns_once_and_runs_pytorch_native_is_one_line(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
-    monkeypatch.setenv("CC", "no-such-cc")
-    table_native.library.cache_clear()
-    toolkit._warn_once.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="dlrm.embeddings.tables"):
-            assert table_kernel(optim("sgd", "auto"), CPU) == "torch"
-            assert table_kernel(optim("sgd", "auto"), CPU) == "torch"
-        assert [r.getMessage() for r in caplog.records] == [
+def test_without_a_compiler_auto_warns_once_and_runs_pytorch_native_is_one_line(no_compiler, caplog):
+    with caplog.at_level(logging.WARNING, logger="dlrm.embeddings.tables"):
+        assert table_kernel(optim("sgd", "auto"), CPU) == "torch"
+        assert table_kernel(optim("sgd", "auto"), CPU) == "torch"
+    assert [r.getMessage() for r in caplog.records] == [
+        (
             "optim.sparse.kernel=auto: tables run in PyTorch ops (slower on CPU): "
             "no C compiler ('no-such-cc' not on PATH; set $CC) to build tables.c"
-        ]
-        with pytest.raises(ConfigError, match=r"^optim.sparse.kernel=native: no C compiler .*; optim.sparse.kernel=torch"):
-            table_kernel(optim("sgd", "native"), CPU)
-    finally:
-        table_native.library.cache_clear()
-        toolkit._warn_once.cache_clear()
+        )
+    ]
+    with pytest.raises(ConfigError, match=r"^optim.sparse.kernel=native: no C compiler .*; optim.sparse.kernel=torch"):
+        table_kernel(optim("sgd", "native"), CPU)
 
 
 def test_native_names_an_id_outside_its_table_and_the_backend_names_the_feature():

@@ -15,7 +15,7 @@ from functools import cache
 
 import torch
 
-from dlrm.kernels.build import I32, I64, P, SOURCES, load, ptr
+from dlrm.kernels.build import I32, I64, SOURCES, P, load, ptr
 
 MAX_VECTORS = 32  # interaction.c's NMAX: its vector path takes F + 1 <= 32 (and D a multiple of 16)
 SIGNATURES = {  # name: (argument types, return type), as declared in interaction.c
