@@ -201,6 +201,11 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
             cfg = cfg.get(part) if isinstance(cfg, dict) else None
         return cfg
 
+    # A checkpoint that records optim.sparse.kernel resumes under any table kernel: the trainer
+    # converts between the kernels' layouts (per-table copies) or names the one to use
+    # (checkpoint.check_table_kernel); native and torch even share one.
+    kernel_recorded = isinstance(get(saved, "optim.sparse"), dict) and "kernel" in get(saved, "optim.sparse")
+
     def strip(node, key: str):  # where the data lives may move; what it is may not
         if key == "data" and isinstance(node, dict):
             return {k: v for k, v in node.items() if k not in ("root", "path", "workers")}
@@ -217,6 +222,8 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
             # model.kernel: the interaction's C kernel or PyTorch ops compute the same function
             return {k: v for k, v in node.items() if k != "kernel"}
         if key == "optim" and isinstance(node, dict) and isinstance(node.get("sparse"), dict):
+            if kernel_recorded:
+                return {**node, "sparse": {k: v for k, v in node["sparse"].items() if k != "kernel"}}
             # before optim.sparse.kernel existed, every table ran in fbgemm's kernel
             return {**node, "sparse": {"kernel": "fbgemm", **node["sparse"]}}
         return node

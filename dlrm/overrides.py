@@ -132,11 +132,11 @@ def keys_of_choice(group: str, choice: str, conf_dir: Path = CONF_DIR) -> set[st
 
 
 def _other_choice_only(key: str, argv: list[str]) -> str | None:
-    """The one-line error for an `emb.` key that exists, but only under another `emb=` choice than
-    the one this command runs (Hydra's message is several lines and suggests `+key`, which the
-    backend then refuses); None otherwise."""
+    """The one-line error for an `emb.` or `model.` key that exists, but only under another `emb=`
+    (`model=`) choice than the one this command runs (Hydra's message is several lines and suggests
+    `+key`, which validation then refuses): `model.kernel` under `model=dcnv2`; None otherwise."""
     group = key.split(".")[0]
-    if group != "emb":
+    if group not in ("emb", "model"):
         return None
     choice = _chosen(group, argv, CONF_DIR)
     if choice is None:

@@ -169,6 +169,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     except BaseException:
         train_data.stop()
         raise
+    # DLRM's dot interaction: our C kernel or PyTorch ops (model.kernel; DCNv2 has none)
+    interaction = getattr(getattr(model, "inter_arch", None), "kernel", None)
     if env.distributed:
         from dlrm.distributed.model import wrap  # torchrec's DMP: only under torchrun
 
@@ -184,11 +186,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     # for the C kernel, which prefetches); fbgemm allocates its own
     huge_pages = not env.distributed and kernel == "torch" and device.type == "cpu" and huge_pages_available()
     log.info(
-        "device %s, %d thread%s, precision %s, table kernel %s (optim.sparse.kernel=%s%s), data %s",
+        "device %s, %d thread%s, precision %s, table kernel %s (optim.sparse.kernel=%s%s), %sdata %s",
         device, threads, "" if threads == 1 else "s", precision,
         # under torchrun, sharded tables run in torchrec's fbgemm collection whatever the kernel
         "fbgemm (torchrec, sharded)" if env.distributed else kernel,
-        cfg.optim.sparse.get("kernel", "auto"), ", rows on huge pages" if huge_pages else "", path,
+        cfg.optim.sparse.get("kernel", "auto"), ", rows on huge pages" if huge_pages else "",
+        f"interaction kernel {interaction} (model.kernel={cfg.model.get('kernel', 'auto')}), " if interaction else "",
+        path,
     )
 
     trainer_cls = Trainer
@@ -219,6 +223,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "peak_rss_bytes": tele.peak_rss_bytes,
         "compressed_tables": n_compressed,
         "huge_pages": huge_pages,  # an environment setting (DLRM_HUGE_PAGES), not in the config
+        # what auto resolved to (C kernels or PyTorch ops): the step time depends on it
+        "table_kernel": "fbgemm (torchrec, sharded)" if env.distributed else kernel,
+        **({"interaction_kernel": interaction} if interaction else {}),
         "wall_s": time.time() - t_start,
         **embeddings.stats(),
     }

@@ -168,7 +168,8 @@ class Trainer:
         self.compile_pending = compile_step.should_compile(
             self.cfg.get("compile", False), self.cfg.max_steps, device, self.graph
         ) and compile_step.enable(model)
-        log.info("trainer.compile=%s: the dense step runs %s", self.cfg.get("compile", False),
+        value = self.cfg.get("compile", False)  # YAML gives true/false as booleans: shown as typed
+        log.info("trainer.compile=%s: the dense step runs %s", str(value).lower() if isinstance(value, bool) else value,
                  "compiled (the first step compiles or loads it)" if self.compile_pending else "eager")
         self.state = TrainState()
         self.eval_split = str(cfg.data.get("eval_split", "eval"))

@@ -123,6 +123,23 @@ def test_a_checkpoint_from_before_the_table_kernel_choice_names_the_kernel_to_re
         check_config(old, now, tmp_path / "step-3.pt")  # another lr: no kernel hint
 
 
+def test_a_checkpoint_resumes_under_another_table_kernel_setting(compose_cfg, tiny_dataset, tmp_path):
+    """optim.sparse.kernel=auto (our C kernel on CPU) written, torch (our PyTorch ops, the same
+    buffers) resumed: allowed, and it ends where the unbroken run ends."""
+    from dlrm.checkpoint import check_config
+
+    saved = {"optim": {"sparse": {"name": "rowwise_adagrad", "kernel": "auto"}}}
+    for kernel in ("native", "torch", "fbgemm"):
+        check_config(saved, {"optim": {"sparse": {"name": "rowwise_adagrad", "kernel": kernel}}}, tmp_path / "s.pt")
+    straight = run(compose_cfg("trainer.max_steps=6"), tmp_path / "straight")
+    run(compose_cfg("trainer.max_steps=3", "trainer.checkpoint_every=3"), tmp_path / "first")
+    again = run(
+        compose_cfg("trainer.max_steps=6", "optim.sparse.kernel=torch", f"trainer.resume={tmp_path / 'first'}"),
+        tmp_path / "again",
+    )
+    assert _metrics(again) == pytest.approx(_metrics(straight), abs=1e-4)
+
+
 @pytest.mark.parametrize("written, resumed", [("torch", "fbgemm"), ("fbgemm", "torch")])
 def test_a_checkpoint_resumes_under_the_other_table_kernel(
     compose_cfg, tiny_dataset, tmp_path, monkeypatch, written, resumed

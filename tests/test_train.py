@@ -60,8 +60,10 @@ def test_results_record_whether_the_rows_sat_on_huge_pages(compose_cfg, tiny_dat
     assert ("optim.sparse.kernel=torch, rows on huge pages)" in caplog.text) is on
     caplog.clear()
     with caplog.at_level("INFO", logger="dlrm"):  # the C kernel prefetches its rows: no huge pages asked
-        assert run(compose_cfg("trainer.max_steps=2"), tmp_path / "native")["huge_pages"] is False
-    assert "table kernel native (optim.sparse.kernel=auto), data" in caplog.text
+        native = run(compose_cfg("trainer.max_steps=2"), tmp_path / "native")
+    assert native["huge_pages"] is False
+    assert native["table_kernel"] == native["interaction_kernel"] == "native"  # what auto resolved to
+    assert "table kernel native (optim.sparse.kernel=auto), interaction kernel native (model.kernel=auto), data" in caplog.text
 
 
 def test_a_run_shorter_than_its_warm_up_still_reports_step_times(compose_cfg, tiny_dataset, tmp_path):
@@ -279,6 +281,14 @@ def test_a_misspelled_key_is_one_line_naming_the_closest_setting(tmp_path):
         "error: emb.tt.rank is not a setting of emb=full (it is one of emb=cached)"
     )
     assert check_override_keys(["emb=cached", "emb.kernel=torch"], keys).endswith("did you mean emb.tt.kernel?")
+    # the same for the model group: the interaction kernel is DLRM's, the cross layers DCNv2's
+    assert check_override_keys(["model=dcnv2", "model.kernel=native"], keys) == (
+        "error: model.kernel is not a setting of model=dcnv2 (it is one of model=dlrm)"
+    )
+    assert check_override_keys(["model.cross_layers=3"], keys) == (
+        "error: model.cross_layers is not a setting of model=dlrm (it is one of model=dcnv2)"
+    )
+    assert check_override_keys(["model=dcnv2", "model.cross_layers=3"], keys) is None
     assert check_override_keys(["optim.sparse.kernal=torch"], keys) == (
         "error: optim.sparse.kernal is not a setting (did you mean optim.sparse.kernel?)"
     )

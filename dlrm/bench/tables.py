@@ -1,8 +1,9 @@
 """The tables alone, lookup + backward + fused update: our kernels (C and PyTorch ops) against fbgemm's TBE.
 
-Kaggle-size tables (26 tables, 33.8M rows, dim 16), Zipf batches of one id per feature, both
-kernels built by `fused_tables` (the same init) and stepped on the same batches, interleaved in
-A B B A rounds so a drifting machine hits both alike; prints each one's median and minimum ms.
+Kaggle-size tables (26 tables, 33.8M rows, dim 16), Zipf batches of one id per feature, the three
+kernels (fbgemm, ours in PyTorch ops, ours in C) built by `fused_tables` (the same init) and
+stepped on the same batches, interleaved in A B C C B A rounds so a drifting machine hits all
+alike; prints each one's median and minimum ms and the ratios of the medians to the C kernel's.
 
     python scripts/bench_tables.py                          # fp32 rows, row-wise Adagrad, 2 threads
     python scripts/bench_tables.py --precision fp16 --optimizer sgd
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         **{f"{k}_min_ms": round(min(v), 2) for k, v in times.items()},
     }
     out["fbgemm_over_torch"] = round(out["fbgemm_median_ms"] / out["torch_median_ms"], 2)
+    out["fbgemm_over_native"] = round(out["fbgemm_median_ms"] / out["native_median_ms"], 2)
+    out["torch_over_native"] = round(out["torch_median_ms"] / out["native_median_ms"], 2)
     for k in KERNELS:
         print(f"{k:7s} {args.precision} {args.optimizer}: median {out[f'{k}_median_ms']:.2f} ms, "
               f"min {out[f'{k}_min_ms']:.2f} ms")
