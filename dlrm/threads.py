@@ -23,6 +23,7 @@ import ctypes
 import functools
 import logging
 import os
+import threading
 import time
 
 import torch
@@ -42,6 +43,40 @@ def _libgomp() -> ctypes.CDLL | None:
     except OSError:
         return None
     return ctypes.CDLL(sorted(paths)[0]) if paths else None
+
+
+LOADER_NICE = 10  # DLRM_LOADER_NICE overrides; 0 leaves the loader at the step's priority
+
+
+def lower_this_thread_priority() -> int:
+    """Lower this helper thread's scheduling priority to at least nice `DLRM_LOADER_NICE` (default
+    10; Linux schedules threads one by one) and return its nice value; 0 where set to 0, not an
+    integer, or refused.
+
+    Why (measured 2026-12-01, docs/benchmarks.md "Tables and interaction in C"): the loader
+    decodes its next 4 row groups (0.24 s of CPU) every 128 steps while the step's two OpenMP
+    threads hold both cores; at equal priority it takes a core from the step, whose threads then
+    wait for each other at every barrier: 1.6-1.7 s of a default 1000-step run went to steps
+    above the median. At nice 10 the decode runs mostly in the step's idle moments (0.45-0.6 s
+    above the median; the whole run 20.6-21.3 s against 21.4-23.3 s). On a machine other jobs
+    keep busy a low-priority loader gets less CPU: `DLRM_LOADER_NICE=0` there.
+    """
+    try:
+        nice = int(os.environ.get("DLRM_LOADER_NICE", LOADER_NICE))
+    except ValueError:
+        log.warning("DLRM_LOADER_NICE=%r is not an integer: the loader keeps its priority",
+                    os.environ["DLRM_LOADER_NICE"])
+        return 0
+    if nice <= 0 or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return 0
+    tid = threading.get_native_id()  # Linux: this thread only
+    try:
+        # at least `nice`: a process started under a higher nice keeps it (lowering needs privileges)
+        target = max(min(nice, 19), os.getpriority(os.PRIO_PROCESS, tid))
+        os.setpriority(os.PRIO_PROCESS, tid, target)
+    except OSError:
+        return 0
+    return target
 
 
 def limit_this_thread(threads: int = 1) -> bool:

@@ -236,3 +236,34 @@ def test_loader_thread_runs_torch_on_one_openmp_thread(tiny_dataset, monkeypatch
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_loader_thread_decodes_at_a_lower_priority_than_the_step(tiny_dataset, monkeypatch, caplog):
+    """The loader's thread runs at nice DLRM_LOADER_NICE (default 10), the caller's stays at 0;
+    0 leaves it alone, and a value that is not an integer warns once and changes nothing."""
+    import os
+    import threading
+
+    import dlrm.data.loader as loader_mod
+    from dlrm.threads import lower_this_thread_priority
+
+    seen = {}
+
+    def recording() -> int:
+        got = lower_this_thread_priority()
+        seen[threading.current_thread().name] = (got, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return got
+
+    monkeypatch.setattr(loader_mod, "lower_this_thread_priority", recording)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert list(ParquetLoader(tiny_dataset, "train", 256, seed=1).epoch(0))
+    assert seen == {"parquet-loader": (max(base, 10), max(base, 10))}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's: unchanged
+    for value, want in (("0", 0), ("seven", 0)):
+        monkeypatch.setenv("DLRM_LOADER_NICE", value)
+        out = []
+        worker = threading.Thread(target=lambda: out.append(lower_this_thread_priority()))
+        worker.start()
+        worker.join()
+        assert out == [want]
+    assert "DLRM_LOADER_NICE='seven' is not an integer" in caplog.text

@@ -29,7 +29,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.data.schema import DENSE, LABEL, SPARSE, DatasetMeta
-from dlrm.threads import limit_this_thread
+from dlrm.threads import limit_this_thread, lower_this_thread_priority
 
 
 @dataclass
@@ -387,8 +387,10 @@ class ParquetLoader:
                 worker.join(timeout=0.05)
 
     def _produce(self, epoch: int, q: queue.Queue, stop: threading.Event) -> None:
-        # a second OpenMP team for this thread's torch ops slows every training step (dlrm.threads)
+        # a second OpenMP team for this thread's torch ops slows every training step, and so does
+        # decoding at the step's priority (dlrm.threads)
         limit_this_thread(1)
+        lower_this_thread_priority()
         try:
             batches = (b for chunk in self._chunks(epoch) for b in chunk.batches(self.batch_size))
             for batch in batches:
