@@ -56,9 +56,9 @@ def lower_this_thread_priority() -> int:
     Why (measured 2026-12-01, docs/benchmarks.md "Tables and interaction in C"): the loader
     decodes its next 4 row groups (0.24 s of CPU) every 128 steps while the step's two OpenMP
     threads hold both cores; at equal priority it takes a core from the step, whose threads then
-    wait for each other at every barrier: 1.6-1.7 s of a default 1000-step run went to steps
-    above the median. At nice 10 the decode runs mostly in the step's idle moments (0.45-0.6 s
-    above the median; the whole run 20.6-21.3 s against 21.4-23.3 s). On a machine other jobs
+    wait for each other at every barrier: 1.6-1.75 s of a default 1000-step run went to steps
+    above the median. At nice 10 the decode runs mostly in the step's idle moments (0.5-0.7 s
+    above the median, ~0.65 s more waiting for batches: ~0.4 s net). On a machine other jobs
     keep busy a low-priority loader gets less CPU: `DLRM_LOADER_NICE=0` there.
     """
     try:
