@@ -16,9 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
-from functools import cache
-
 import torch
 from torch import nn
 from torchrec.models.dlrm import DenseArch, OverArch
@@ -26,10 +23,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend
 from dlrm.kernels import dot_interaction
-from dlrm.kernels.build import NativeKernelError
+from dlrm.kernels.build import loads
 from dlrm.options import ConfigError
-
-log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNELS = ("auto", "native", "torch")  # model.kernel: who computes the dot interaction
@@ -70,19 +65,7 @@ def interaction_kernel(kernel: str, device: torch.device, dim: int = 16, feature
         return "torch"
     if device.type != "cpu":
         raise ConfigError(f"model.kernel=native runs on CPU, not {device.type}: use auto or torch")
-    try:
-        dot_interaction.library()
-    except NativeKernelError as e:
-        if kernel == "native":
-            raise ConfigError(f"model.kernel=native: {e}; model.kernel=torch (or auto) runs PyTorch ops") from e
-        _warn_once(str(e))
-        return "torch"
-    return "native"
-
-
-@cache
-def _warn_once(why: str) -> None:
-    log.warning("model.kernel=auto: the dot interaction runs PyTorch ops (slower on CPU): %s", why)
+    return "native" if loads(dot_interaction.library, "model.kernel", kernel, "the dot interaction runs") else "torch"
 
 
 class _PairwiseDots(torch.autograd.Function):

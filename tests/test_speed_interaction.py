@@ -124,7 +124,7 @@ def test_model_kernel_choice_and_its_errors():
 
 def test_without_a_compiler_auto_warns_once_and_native_is_one_line(no_compiler, caplog):
     cpu = torch.device("cpu")
-    with caplog.at_level(logging.WARNING, logger="dlrm.model"):
+    with caplog.at_level(logging.WARNING, logger="dlrm.kernels.build"):
         assert interaction_kernel("auto", cpu) == "torch"
         assert interaction_kernel("auto", cpu) == "torch"
     assert [r.getMessage() for r in caplog.records] == [

@@ -151,7 +151,7 @@ def test_kernel_choice_and_its_error():
 
 
 def test_without_a_compiler_auto_warns_once_and_runs_pytorch_native_is_one_line(no_compiler, caplog):
-    with caplog.at_level(logging.WARNING, logger="dlrm.embeddings.tables"):
+    with caplog.at_level(logging.WARNING, logger="dlrm.kernels.build"):
         assert table_kernel(optim("sgd", "auto"), CPU) == "torch"
         assert table_kernel(optim("sgd", "auto"), CPU) == "torch"
     assert [r.getMessage() for r in caplog.records] == [

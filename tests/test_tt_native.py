@@ -20,6 +20,7 @@ from dlrm.embeddings.tt_kernels import (
     tt_shape,
 )
 from dlrm.embeddings.tt_native import NativeKernelError, use_native
+from dlrm.kernels import build
 from tests.test_tt import CONF, CPU, SPARSE_OPTIM, emb_cfg, kjt, random_bags
 
 
@@ -160,10 +161,10 @@ def fresh_build(tmp_path, monkeypatch):
     """An empty kernel cache, and library() forgetting the kernel it loaded."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     tt_native.library.cache_clear()
-    tt_native._warn_once.cache_clear()
+    build._warn_once.cache_clear()
     yield tmp_path
     tt_native.library.cache_clear()
-    tt_native._warn_once.cache_clear()
+    build._warn_once.cache_clear()
 
 
 def test_build_is_cached(fresh_build):
@@ -181,7 +182,7 @@ def test_no_compiler_auto_warns_once_and_runs_pytorch_native_raises(fresh_build,
     shape = tt_shape(3000, 16, cores=3, rank=8)
     params, ref_params = cores_of(shape)
     uid = torch.arange(0, 3000, 7)
-    with caplog.at_level(logging.WARNING, logger="dlrm.embeddings.tt_native"):
+    with caplog.at_level(logging.WARNING, logger="dlrm.kernels.build"):
         out = tt_rows(params, shape, uid, kernel="auto")
         tt_rows(params, shape, uid, kernel="auto")
     warnings = [r.getMessage() for r in caplog.records]

@@ -20,10 +20,8 @@ of an id transform), mde (its blocks), cached (its cache).
 
 from __future__ import annotations
 
-import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
@@ -39,10 +37,8 @@ from omegaconf import DictConfig
 from dlrm.embeddings import table_native
 from dlrm.embeddings.base import POOLINGS, TableSpec
 from dlrm.embeddings.table_kernel import BatchedTables
-from dlrm.kernels.build import NativeKernelError
+from dlrm.kernels.build import loads
 from dlrm.options import ConfigError
-
-log = logging.getLogger(__name__)
 
 # Optimizers fbgemm runs fused on CPU (Adam is GPU-only there).
 FUSED_OPTIMIZERS = {
@@ -132,28 +128,13 @@ def table_kernel(optim: DictConfig, device: torch.device) -> str:
     kernel = optim.get("kernel", "auto")
     if kernel not in KERNELS:
         raise ConfigError(f"optim.sparse.kernel={kernel!r}: choose one of {list(KERNELS)}")
-    if kernel == "auto":
-        if device.type == "cuda":
-            return "fbgemm"
-        try:
-            table_native.library()
-        except NativeKernelError as e:
-            _warn_once(str(e))
-            return "torch"
-        return "native"
-    if kernel == "native":
-        if device.type != "cpu":
-            raise ConfigError(f"optim.sparse.kernel=native runs on CPU, not {device.type}: use auto or fbgemm")
-        try:
-            table_native.library()
-        except NativeKernelError as e:
-            raise ConfigError(f"optim.sparse.kernel=native: {e}; optim.sparse.kernel=torch (or auto) runs PyTorch ops") from e
+    if kernel == "native" and device.type != "cpu":
+        raise ConfigError(f"optim.sparse.kernel=native runs on CPU, not {device.type}: use auto or fbgemm")
+    if kernel == "auto" and device.type == "cuda":
+        return "fbgemm"
+    if kernel in ("auto", "native"):
+        return "native" if loads(table_native.library, "optim.sparse.kernel", kernel, "tables run in") else "torch"
     return kernel
-
-
-@cache
-def _warn_once(why: str) -> None:
-    log.warning("optim.sparse.kernel=auto: tables run in PyTorch ops (slower on CPU): %s", why)
 
 
 def table_layout(kernel: str) -> str:

@@ -17,29 +17,18 @@ warning), `native` requires it (else a ConfigError naming emb.kernel), `torch` n
 from __future__ import annotations
 
 import ctypes
-import logging
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
 
-from dlrm.kernels.build import (
-    F32,
-    I32,
-    I64,
-    SOURCES,
-    NativeKernelError,
-    P,
-    load,
-)
+from dlrm.kernels.build import F32, I32, I64, SOURCES, NativeKernelError, P, load, loads
 from dlrm.kernels.build import ptr as _ptr
 from dlrm.options import ConfigError
 
 if TYPE_CHECKING:
     from dlrm.embeddings.tt_kernels import TTShape
-
-log = logging.getLogger(__name__)
 
 SOURCE = SOURCES / "tt_chain.c"
 KERNELS = ("auto", "native", "torch")
@@ -102,27 +91,9 @@ def use_native(kernel: str, like: torch.Tensor) -> bool:
     if kernel == "torch":
         return False
     fits = like.device.type == "cpu" and like.dtype == torch.float32
-    if kernel == "native":
-        if not fits:
-            raise ConfigError(f"emb.kernel=native runs fp32 CPU cores, got {like.dtype} on {like.device}")
-        try:
-            library()
-        except NativeKernelError as e:
-            raise ConfigError(f"emb.kernel=native: {e}; emb.kernel=torch (or auto) runs PyTorch ops") from e
-        return True
-    if not fits:
-        return False
-    try:
-        library()
-    except NativeKernelError as e:
-        _warn_once(str(e))
-        return False
-    return True
-
-
-@cache
-def _warn_once(why: str) -> None:
-    log.warning("emb.kernel=auto: TT runs its PyTorch kernels (slower on CPU): %s", why)
+    if kernel == "native" and not fits:
+        raise ConfigError(f"emb.kernel=native runs fp32 CPU cores, got {like.dtype} on {like.device}")
+    return fits and loads(library, "emb.kernel", kernel, "TT runs its")
 
 
 def unique_keys(

@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import torch
+
+from dlrm.options import ConfigError
+
+log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).parent  # the kernels' C sources sit beside this file
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu99", "-fopenmp"]
@@ -81,6 +88,27 @@ def load(source: Path, signatures: dict[str, tuple[list, object]]) -> ctypes.CDL
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result
     return lib
+
+
+def loads(library: Callable[[], ctypes.CDLL], key: str, kernel: str, fallback: str) -> bool:
+    """Whether the C kernel `library` (a cached loader) builds and loads, for the setting `key`
+    (`emb.kernel`, `optim.sparse.kernel`, `model.kernel`) set to `kernel`: `native` requires it,
+    `auto` falls back to PyTorch ops, warning once; `fallback` says what then runs them.
+
+    Raises ConfigError (one line naming `key`) when `native` cannot build or load."""
+    try:
+        library()
+    except NativeKernelError as e:
+        if kernel == "native":
+            raise ConfigError(f"{key}=native: {e}; {key}=torch (or auto) runs PyTorch ops") from e
+        _warn_once(f"{key}=auto: {fallback} PyTorch ops (slower on CPU): {e}")
+        return False
+    return True
+
+
+@cache
+def _warn_once(message: str) -> None:
+    log.warning("%s", message)
 
 
 def ptr(t: torch.Tensor | None) -> int | None:
