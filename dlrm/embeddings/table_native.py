@@ -54,7 +54,7 @@ class LookupNative(torch.autograd.Function):
         indices, offsets = indices.contiguous(), offsets.contiguous()
         psw = None if per_sample_weights is None else per_sample_weights.float().contiguous()
         weighted = psw is not None or tables.pooling == "mean"
-        ctx.tables, ctx.batch, ctx.saved = tables, batch, []
+        ctx.tables, ctx.saved = tables, []
         outs = []
         for g, fs in enumerate(tables.group_features):
             if not fs:
@@ -86,9 +86,11 @@ class LookupNative(torch.autograd.Function):
             if train:
                 order, unique, starts = torch.empty_like(rows), torch.empty_like(rows), rows.new_empty(n + 1)
                 u = lib.tb_sort(ptr(rows), n, weights.shape[0] - 1, ptr(order), ptr(unique), ptr(starts), threads)
-                if u < 0:
+                if u == -1:
                     raise MemoryError(f"no memory to sort the batch's {n} ids")
-                ctx.saved.append((g, order, unique[:u], starts, u, gpos, wt))
+                if u < 0:  # rows of 2^(64 - log2 n) and more: no table comes near
+                    raise ValueError(f"{weights.shape[0]} rows and {n} ids do not fit the sort's 64-bit keys")
+                ctx.saved.append((g, order, unique[:u], starts, gpos, wt))
             outs.append((g, out))
         if len(outs) == 1 and len(tables.group_features[outs[0][0]]) == n_features:  # one dim: the usual case
             return outs[0][1].view(batch, -1)
@@ -103,7 +105,7 @@ class LookupNative(torch.autograd.Function):
         tables: BatchedTables = ctx.tables
         grad_output = grad_output.float()
         optim, lr, eps = OPTIM_CODES[tables.optimizer], tables.lr, tables.eps
-        for g, order, unique, starts, u, gpos, wt in ctx.saved:
+        for g, order, unique, starts, gpos, wt in ctx.saved:
             if len(tables.group_features[g]) == len(tables.feature_table_map):
                 grad = grad_output.contiguous()  # [B, F * dim]: already [B, F, dim]
             else:
@@ -111,6 +113,6 @@ class LookupNative(torch.autograd.Function):
             weights = tables.weights(g)
             lib.tb_backward(
                 ptr(weights), int(weights.dtype == torch.float16), tables.dims[g], ptr(tables.states(g)), optim,
-                lr, eps, ptr(grad), ptr(order), ptr(unique), ptr(starts), u, ptr(gpos), ptr(wt), threads,
+                lr, eps, ptr(grad), ptr(order), ptr(unique), ptr(starts), unique.numel(), ptr(gpos), ptr(wt), threads,
             )
         return None, None, None, None, None, None
