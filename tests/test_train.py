@@ -321,3 +321,38 @@ def test_an_unknown_group_choice_is_one_line_naming_the_closest(tmp_path):
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("error: emb=ttt: no such choice in conf/emb/ (did you mean tt? choices: ")
     assert ", tt)" in line or ", tt," in line
+
+
+def test_capped_periodic_evals_read_their_batches_once(compose_cfg, tiny_dataset, tmp_path, monkeypatch, caplog):
+    """The mid-training evals read the same unshuffled first batches each time: read once and held;
+    the final eval reads the whole split again. Their metrics are those of a fresh read."""
+    import dlrm.trainer
+    from dlrm.data.loader import ParquetLoader
+
+    reads = []
+    epoch = ParquetLoader.epoch
+
+    def counting(self, *a, **k):
+        if not self.shuffle:  # the eval loader
+            reads.append(1)
+        return epoch(self, *a, **k)
+
+    monkeypatch.setattr(ParquetLoader, "epoch", counting)
+    fresh = {}
+    evaluate = dlrm.trainer.Trainer.evaluate
+
+    def checking(self, periodic=False):
+        got = evaluate(self, periodic)
+        if periodic and self._periodic_batches is not None:  # the same numbers from a new read
+            held, self._periodic_batches = self._periodic_batches, None
+            fresh[self.state.step] = (got, evaluate(self, periodic))
+            self._periodic_batches = held
+        return got
+
+    monkeypatch.setattr(dlrm.trainer.Trainer, "evaluate", checking)
+    run(compose_cfg("trainer.max_steps=8", "trainer.eval_every=2", "trainer.periodic_eval_batches=2"), tmp_path)
+    # periodic evals at steps 2, 4, 6 (one read, plus one fresh read each above), the final one
+    assert len(reads) == 1 + 3 + 1
+    assert sorted(fresh) == [2, 4, 6]
+    for held, again in fresh.values():
+        assert held == again
