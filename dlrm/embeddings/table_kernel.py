@@ -84,12 +84,12 @@ class BatchedTables(nn.Module):
         # Huge pages for the PyTorch ops' random row reads only: the C kernel prefetches its rows (the
         # page walks with them), where huge pages measured no step gain but 2.5 s more start-up for
         # Kaggle's 2.2 GB (the kernel compacting memory for 1,100 huge pages; docs/benchmarks.md).
-        self.huge_pages = kernel == "torch"
+        huge = kernel == "torch"
         for g, (dim, rows) in enumerate(zip(self.dims, group_rows)):
-            self.register_buffer(f"weights_{g}", _zeros((rows, dim), DTYPES[precision], device, self.huge_pages))
+            self.register_buffer(f"weights_{g}", _zeros((rows, dim), DTYPES[precision], device, huge))
             if optimizer != "sgd":
                 shape = (rows,) if optimizer == "rowwise_adagrad" else (rows, dim)
-                self.register_buffer(f"momentum1_{g}", _zeros(shape, torch.float32, device, self.huge_pages))
+                self.register_buffer(f"momentum1_{g}", _zeros(shape, torch.float32, device, huge))
         # Per group: its features (in order) and the row offset of each one's table.
         self.group_features: list[list[int]] = [[] for _ in self.dims]
         for f, t in enumerate(self.feature_table_map):
@@ -111,10 +111,10 @@ class BatchedTables(nn.Module):
         place = [self.placement[t] for t in self.feature_table_map]
         self.feature_group = torch.tensor([g for g, _ in place], dtype=torch.int64, device=device)  # [F]
         self.feature_row_offset = torch.tensor([r for _, r in place], dtype=torch.int64, device=device)  # [F]
-        # The C kernels' view of each group: its features, their tables' first rows and row counts.
-        self.native_groups = [
-            (idx, self.group_row_offsets[g], torch.tensor([self.shapes[self.feature_table_map[f]][0] for f in fs]))
-            for g, (fs, idx) in enumerate(zip(self.group_features, self.group_feature_index))
+        # Per group, its features' tables' row counts (the C kernel checks each id against them).
+        self.group_row_limits = [
+            torch.tensor([self.shapes[self.feature_table_map[f]][0] for f in fs], dtype=torch.int64)
+            for fs in self.group_features
         ]
         # autograd calls backward only for outputs that depend on a tensor requiring grad
         self._anchor = torch.zeros(0, device=device, requires_grad=True)

@@ -59,7 +59,7 @@ class LookupNative(torch.autograd.Function):
         for g, fs in enumerate(tables.group_features):
             if not fs:
                 continue
-            feats, base, limit = tables.native_groups[g]
+            feats, base, limit = tables.group_feature_index[g], tables.group_row_offsets[g], tables.group_row_limits[g]
             nf, dim, weights = len(fs), tables.dims[g], tables.weights(g)
             if nf == n_features:
                 n = indices.numel()
