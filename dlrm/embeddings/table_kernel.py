@@ -41,7 +41,9 @@ class BatchedTables(nn.Module):
     """Tables of `shapes` (`(rows, dim)` each) looked up by features (`feature_table_map[f]` is
     feature f's table), pooled by `pooling` (sum | mean), rows stored in `precision` (fp32 | fp16)
     and trained by `optimizer` (sgd | rowwise_adagrad | adagrad, learning rate `lr`, `eps`) inside
-    backward. Weights start at zero: initialize them through `split_embedding_weights()`.
+    backward. Weights start at zero, or with `zero_weights=False` unset (for a caller that
+    fills every row at once: zeroing Kaggle's 2.2 GB first cost 0.7 s of start-up); initialize
+    them through `split_embedding_weights()`.
     `kernel`: `torch` computes with the PyTorch ops below, `native` (CPU only) with our C kernels
     (table_native.py); both hold the same buffers, so either loads the other's state.
 
@@ -59,6 +61,7 @@ class BatchedTables(nn.Module):
         precision: str = "fp32",
         device: torch.device | None = None,
         kernel: str = "torch",
+        zero_weights: bool = True,
     ) -> None:
         super().__init__()
         if kernel not in KERNELS:
@@ -86,10 +89,11 @@ class BatchedTables(nn.Module):
         # Kaggle's 2.2 GB (the kernel compacting memory for 1,100 huge pages; docs/benchmarks.md).
         huge = kernel == "torch"
         for g, (dim, rows) in enumerate(zip(self.dims, group_rows)):
-            self.register_buffer(f"weights_{g}", _zeros((rows, dim), DTYPES[precision], device, huge))
+            weights = _empty((rows, dim), DTYPES[precision], device, huge)
+            self.register_buffer(f"weights_{g}", weights.zero_() if zero_weights else weights)
             if optimizer != "sgd":
                 shape = (rows,) if optimizer == "rowwise_adagrad" else (rows, dim)
-                self.register_buffer(f"momentum1_{g}", _zeros(shape, torch.float32, device, huge))
+                self.register_buffer(f"momentum1_{g}", _empty(shape, torch.float32, device, huge).zero_())
         # Per group: its features (in order) and the row offset of each one's table.
         self.group_features: list[list[int]] = [[] for _ in self.dims]
         for f, t in enumerate(self.feature_table_map):
@@ -186,14 +190,14 @@ class BatchedTables(nn.Module):
             weights.index_copy_(0, unique, weights.index_select(0, unique).float().add_(delta).to(weights.dtype))
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device, huge_pages: bool) -> torch.Tensor:
-    """Zeros of `shape`; with `huge_pages`, on CPU backed by transparent huge pages where Linux
-    gives them (lookups read random rows: huge pages spare a TLB miss per row, dlrm/malloc.py),
-    advised before the zeros touch the memory."""
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device, huge_pages: bool) -> torch.Tensor:
+    """An unset tensor of `shape`; with `huge_pages`, on CPU backed by transparent huge pages
+    where Linux gives them (lookups read random rows: huge pages spare a TLB miss per row,
+    dlrm/malloc.py), advised before anything touches the memory."""
     t = torch.empty(shape, dtype=dtype, device=device)
     if huge_pages and t.device.type == "cpu":
         advise_huge_pages(t.data_ptr(), t.nbytes)
-    return t.zero_()
+    return t
 
 
 class _Lookup(torch.autograd.Function):

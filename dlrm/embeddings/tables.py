@@ -170,7 +170,7 @@ def fused_tables(
     if kernel != "fbgemm":
         module = BatchedTables(
             [(t.rows, t.dim) for t in tables], feature_table_map, optim.name, optim.lr,
-            optim.get("eps", 1e-8), pooling, precision, device, kernel,
+            optim.get("eps", 1e-8), pooling, precision, device, kernel, zero_weights=not init,
         )
         if init:
             with torch.no_grad():
