@@ -42,7 +42,7 @@ class BatchedTables(nn.Module):
     feature f's table), pooled by `pooling` (sum | mean), rows stored in `precision` (fp32 | fp16)
     and trained by `optimizer` (sgd | rowwise_adagrad | adagrad, learning rate `lr`, `eps`) inside
     backward. Weights start at zero, or with `zero_weights=False` unset (for a caller that
-    fills every row at once: zeroing Kaggle's 2.2 GB first cost 0.7 s of start-up); initialize
+    fills every row at once: zeroing Kaggle's 2.2 GB first added 0.16 s to start-up); initialize
     them through `split_embedding_weights()`.
     `kernel`: `torch` computes with the PyTorch ops below, `native` (CPU only) with our C kernels
     (table_native.py); both hold the same buffers, so either loads the other's state.
