@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from dlrm.dcn import DLRMDCN
 from dlrm.embeddings import EmbeddingBackend, Runtime, TableSpec, build_embeddings
-from dlrm.model import DLRM, interaction_kernel, resolve_precision
+from dlrm.model import DLRM, interaction_kernel, mlp_kernel, resolve_precision
 
 MODELS = {"dlrm": DLRM, "dcnv2": DLRMDCN}  # model.name -> the model class (conf/model/)
 
@@ -54,6 +54,9 @@ def build_model(
     if cfg.model.name == "dcnv2":
         towers.update(cross_layers=cfg.model.cross_layers, low_rank=cfg.model.low_rank)
     else:
-        kernel = interaction_kernel(cfg.model.get("kernel", "auto"), device, cfg.emb.dim, len(cardinalities))
-        towers.update(kernel=kernel)
+        kernel = cfg.model.get("kernel", "auto")
+        towers.update(
+            kernel=interaction_kernel(kernel, device, cfg.emb.dim, len(cardinalities)),
+            mlp_kernel=mlp_kernel(kernel, device, towers["precision"]),
+        )
     return MODELS[cfg.model.name](embeddings, dense_in=dense_in, **towers)

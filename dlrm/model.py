@@ -22,12 +22,12 @@ from torchrec.models.dlrm import DenseArch, OverArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.embeddings.base import EmbeddingBackend
-from dlrm.kernels import dot_interaction
+from dlrm.kernels import dot_interaction, linear_relu
 from dlrm.kernels.build import loads
 from dlrm.options import ConfigError
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-KERNELS = ("auto", "native", "torch")  # model.kernel: who computes the dot interaction
+KERNELS = ("auto", "native", "torch")  # model.kernel: who computes the dot interaction and MLP ReLUs
 
 
 def cpu_has_native_bf16() -> bool:
@@ -66,6 +66,20 @@ def interaction_kernel(kernel: str, device: torch.device, dim: int = 16, feature
     if device.type != "cpu":
         raise ConfigError(f"model.kernel=native runs on CPU, not {device.type}: use auto or torch")
     return "native" if loads(dot_interaction.library, "model.kernel", kernel, "the dot interaction runs") else "torch"
+
+
+def mlp_kernel(kernel: str, device: torch.device, precision: str) -> str:
+    """`model.kernel` resolved for the MLPs' ReLU layers: `native` (their backward's mask and bias
+    sum in our C kernel, dlrm/kernels/linear_relu.py) or `torch` (torchrec's Perceptron as is).
+    auto = native on CPU in fp32 where it builds; torch under bf16 (measured no faster there) and
+    on CUDA. Raises ConfigError as `interaction_kernel` does."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"model.kernel={kernel!r}: choose one of {list(KERNELS)}")
+    if kernel == "torch" or (kernel == "auto" and (device.type != "cpu" or precision != "fp32")):
+        return "torch"
+    if device.type != "cpu":
+        raise ConfigError(f"model.kernel=native runs on CPU, not {device.type}: use auto or torch")
+    return "native" if loads(linear_relu.library, "model.kernel", kernel, "the MLPs' ReLU backward runs") else "torch"
 
 
 class _PairwiseDots(torch.autograd.Function):
@@ -145,6 +159,7 @@ class DLRM(nn.Module):
         top_mlp: list[int],
         precision: str = "fp32",
         kernel: str = "torch",
+        mlp_kernel: str = "torch",
     ) -> None:
         super().__init__()
         dims = set(embeddings.dims)
@@ -169,6 +184,12 @@ class DLRM(nn.Module):
         f = self.num_features
         # InteractionArch emits the dense vector plus the (F + 1) choose 2 pairwise dots.
         self.over_arch = OverArch(dim + f + f * (f - 1) // 2, list(top_mlp))
+        if mlp_kernel not in ("native", "torch"):
+            raise ValueError(f"mlp_kernel {mlp_kernel!r}: choose native or torch (mlp_kernel() resolves auto)")
+        self.mlp_kernel = mlp_kernel
+        if mlp_kernel == "native":  # the same Linear modules: parameters and state_dict keys unchanged
+            linear_relu.fuse_perceptrons(self.dense_arch)
+            linear_relu.fuse_perceptrons(self.over_arch)
         self.compiled_dense_forward = None  # set by dlrm.compile.enable (trainer.compile)
 
     def dense_parameters(self) -> list[nn.Parameter]:

@@ -169,8 +169,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     except BaseException:
         train_data.stop()
         raise
-    # DLRM's dot interaction: our C kernel or PyTorch ops (model.kernel; DCNv2 has none)
+    # DLRM's dot interaction and MLP ReLUs: our C kernels or PyTorch ops (model.kernel; DCNv2 has none)
     interaction = getattr(getattr(model, "inter_arch", None), "kernel", None)
+    mlp = getattr(model, "mlp_kernel", None)
     if env.distributed:
         from dlrm.distributed.model import wrap  # torchrec's DMP: only under torchrun
 
@@ -191,7 +192,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         # under torchrun, sharded tables run in torchrec's fbgemm collection whatever the kernel
         "fbgemm (torchrec, sharded)" if env.distributed else kernel,
         cfg.optim.sparse.get("kernel", "auto"), ", rows on huge pages" if huge_pages else "",
-        f"interaction kernel {interaction} (model.kernel={cfg.model.get('kernel', 'auto')}), " if interaction else "",
+        f"interaction kernel {interaction}, MLP ReLU kernel {mlp} (model.kernel={cfg.model.get('kernel', 'auto')}), "
+        if interaction else "",
         path,
     )
 
@@ -225,7 +227,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "huge_pages": huge_pages,  # an environment setting (DLRM_HUGE_PAGES), not in the config
         # what auto resolved to (C kernels or PyTorch ops): the step time depends on it
         "table_kernel": "fbgemm (torchrec, sharded)" if env.distributed else kernel,
-        **({"interaction_kernel": interaction} if interaction else {}),
+        **({"interaction_kernel": interaction, "mlp_kernel": mlp} if interaction else {}),
         "wall_s": time.time() - t_start,
         **embeddings.stats(),
     }

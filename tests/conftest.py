@@ -65,9 +65,9 @@ def no_compiler(tmp_path, monkeypatch):
     """No C compiler (`CC=no-such-cc`) and an empty kernel cache: our C kernels cannot build. The
     kernels' cached loaders and warn-once messages forget what they did, before and after."""
     from dlrm.embeddings import table_native, tt_native
-    from dlrm.kernels import build, dot_interaction
+    from dlrm.kernels import build, dot_interaction, linear_relu
 
-    caches = [table_native.library, dot_interaction.library, tt_native.library, build._warn_once]
+    caches = [table_native.library, dot_interaction.library, linear_relu.library, tt_native.library, build._warn_once]
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no-compiler-cache"))
     monkeypatch.setenv("CC", "no-such-cc")
     for cached in caches:

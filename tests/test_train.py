@@ -60,10 +60,14 @@ def test_results_record_whether_the_rows_sat_on_huge_pages(compose_cfg, tiny_dat
     assert ("optim.sparse.kernel=torch, rows on huge pages)" in caplog.text) is on
     caplog.clear()
     with caplog.at_level("INFO", logger="dlrm"):  # the C kernel prefetches its rows: no huge pages asked
-        native = run(compose_cfg("trainer.max_steps=2"), tmp_path / "native")
+        native = run(compose_cfg("trainer.max_steps=2", "trainer.precision=fp32"), tmp_path / "native")
     assert native["huge_pages"] is False
-    assert native["table_kernel"] == native["interaction_kernel"] == "native"  # what auto resolved to
-    assert "table kernel native (optim.sparse.kernel=auto), interaction kernel native (model.kernel=auto), data" in caplog.text
+    # what auto resolved to (in fp32 the MLPs' ReLU backward runs in C too)
+    assert native["table_kernel"] == native["interaction_kernel"] == native["mlp_kernel"] == "native"
+    assert (
+        "table kernel native (optim.sparse.kernel=auto), interaction kernel native, MLP ReLU kernel native "
+        "(model.kernel=auto), data" in caplog.text
+    )
 
 
 def test_a_run_shorter_than_its_warm_up_still_reports_step_times(compose_cfg, tiny_dataset, tmp_path):
