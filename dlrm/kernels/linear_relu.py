@@ -5,9 +5,10 @@ PyTorch's `addmm`, then the ReLU in place (no second `[B, N]` tensor); backward 
 gradient and sums the bias gradient in one C pass (`relu_backward`, a `torch.library` custom op,
 so `trainer.compile` keeps it whole), then PyTorch's two GEMMs. Autograd instead wrote the masked
 gradient (threshold_backward) and read it again for the bias (sum). In fp32 the trainer's step
-measured ~1 ms (3%) faster; under bf16 autocast, where each pass moves half the bytes, the saving
-did not cover the Python of one more autograd Function per layer (docs/benchmarks.md, "The MLPs'
-ReLU backward in C"), so `model.kernel=auto` uses it for fp32 only (model.py: `mlp_kernel`).
+measured 5-7% faster on held batches and ~0.5 ms (1.5%) in default runs; under bf16 autocast,
+where each pass moves half the bytes, the saving did not cover the Python of one more autograd
+Function per layer (docs/benchmarks.md, "The MLPs' ReLU backward in C"), so `model.kernel=auto`
+uses it for fp32 only (model.py: `mlp_kernel`).
 
 Values: forward is autocast's (bf16: x, W and b cast to bf16, as autocast casts them for addmm);
 the gradients are autograd's but for the bias gradient's summation order (fp32 blocks of 256 rows;
