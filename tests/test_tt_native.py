@@ -4,6 +4,7 @@ the per-id reference in float64, for every kernel layout; threads; the build and
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -175,6 +176,21 @@ def test_build_is_cached(fresh_build):
     tt_native.library.cache_clear()
     tt_native.library()  # loads the cached file, no rebuild
     assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_a_new_build_prunes_all_but_the_newest_builds_of_its_source(fresh_build):
+    cache = fresh_build / "cache" / "dlrm" / "kernels"
+    cache.mkdir(parents=True)
+    old = [cache / f"tt_chain-{i:016x}.so" for i in range(6)]  # earlier versions' builds
+    other = cache / "tables-0000000000000000.so"  # another source's: not touched
+    for i, p in enumerate([*old, other]):
+        p.write_bytes(b"")
+        os.utime(p, (1_000_000 + i, 1_000_000 + i))
+    tt_native.library()
+    new = [p for p in cache.glob("tt_chain-*.so") if p not in old]
+    assert len(new) == 1 and other.exists()
+    # the new build and the newest of the old ones: KEEP_BUILDS in all
+    assert sorted(cache.glob("tt_chain-*.so")) == sorted([*new, *old[-(build.KEEP_BUILDS - 1) :]])
 
 
 def test_no_compiler_auto_warns_once_and_runs_pytorch_native_raises(fresh_build, monkeypatch, caplog):

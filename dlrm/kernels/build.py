@@ -2,7 +2,7 @@
 
 Each source is compiled with `$CC` (default `cc`) and `-O3 -march=native -fopenmp` into
 `~/.cache/dlrm/kernels` (`$XDG_CACHE_HOME` respected), keyed by the source, the flags and the CPU's
-flags, and loaded with ctypes: no Python or torch headers, under a second to build. `-fopenmp`
+flags (the newest KEEP_BUILDS builds of each source kept), and loaded with ctypes: no Python or torch headers, under a second to build. `-fopenmp`
 binds the kernels to the libgomp torch already loaded (same soname), so their parallel loops run
 on torch's own OpenMP workers (docs/benchmarks.md, "TT's C kernels": pthreads fought torch's
 spinning worker). Users: tt_native.py (TT's chain products), table_native.py (batched tables),
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).parent  # the kernels' C sources sit beside this file
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu99", "-fopenmp"]
+
+KEEP_BUILDS = 4  # builds kept per source: one per recent version of it (other checkouts, branches)
 
 # ctypes shorthands for the signature tables of the kernels' users
 P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -84,11 +86,26 @@ def load(source: Path, signatures: dict[str, tuple[list, object]]) -> ctypes.CDL
                 os.replace(out, path)
         except OSError as e:  # an unwritable cache dir, or the compiler could not be started
             raise NativeKernelError(f"cannot build {source.name} into {path.parent}: {e}") from e
+        _prune(source.stem, path.parent)
     lib = ctypes.CDLL(str(path))
     for name, (args, result) in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result
     return lib
+
+
+def _prune(stem: str, cache: Path) -> None:
+    """Delete all but the KEEP_BUILDS newest builds of `stem` (every edit of a source, every
+    upgrade, is a new key: without this the cache grew by a build each time). A process that has
+    a deleted build loaded keeps it (unlinked files stay mapped); one that wants it rebuilds it."""
+    builds = []
+    for p in cache.glob(f"{stem}-*.so"):
+        try:
+            builds.append((p.stat().st_mtime, p))
+        except OSError:  # deleted meanwhile by another process's prune
+            continue
+    for _, old in sorted(builds, reverse=True)[KEEP_BUILDS:]:
+        old.unlink(missing_ok=True)
 
 
 def loads(library: Callable[[], ctypes.CDLL], key: str, kernel: str, fallback: str) -> bool:
