@@ -49,37 +49,38 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def interaction_kernel(kernel: str, device: torch.device, dim: int = 16, features: int = 26) -> str:
-    """`model.kernel` resolved to `native` (our C kernel, dlrm/kernels/dot_interaction.py) or
-    `torch` (`_PairwiseDots`' batched GEMMs), for `features` embeddings of width `dim`. auto =
-    native on CPU where it builds (else torch, with one warning) and its vector path applies
-    (dim a multiple of 16, at most 31 features: the Criteo shapes; others run a scalar loop that
-    measured slower than PyTorch's), torch on CUDA.
+def _model_kernel(kernel: str, device: torch.device, pays: bool, library, what: str) -> str:
+    """`model.kernel` resolved for one of our C kernels (`library`, its cached loader): `torch` when
+    asked, or under auto on CUDA or where `pays` is False (measured no faster); else `native` if
+    the kernel builds (auto without it: torch, one warning saying `what` runs PyTorch ops).
 
     Raises ConfigError (one line naming model.kernel) for an unknown kernel, or `native` on CUDA
     or where the C kernel does not build."""
     if kernel not in KERNELS:
         raise ConfigError(f"model.kernel={kernel!r}: choose one of {list(KERNELS)}")
-    vector_path = dim % 16 == 0 and features + 1 <= dot_interaction.MAX_VECTORS
-    if kernel == "torch" or (kernel == "auto" and (device.type != "cpu" or not vector_path)):
+    if kernel == "torch" or (kernel == "auto" and (device.type != "cpu" or not pays)):
         return "torch"
     if device.type != "cpu":
         raise ConfigError(f"model.kernel=native runs on CPU, not {device.type}: use auto or torch")
-    return "native" if loads(dot_interaction.library, "model.kernel", kernel, "the dot interaction runs") else "torch"
+    return "native" if loads(library, "model.kernel", kernel, what) else "torch"
+
+
+def interaction_kernel(kernel: str, device: torch.device, dim: int = 16, features: int = 26) -> str:
+    """`model.kernel` resolved for the dot interaction: `native` (our C kernel,
+    dlrm/kernels/dot_interaction.py) or `torch` (`_PairwiseDots`' batched GEMMs), for `features`
+    embeddings of width `dim`. auto = native on CPU where it builds and its vector path applies
+    (dim a multiple of 16, at most 31 features: the Criteo shapes; others run a scalar loop that
+    measured slower than PyTorch's), torch on CUDA. Raises ConfigError (`_model_kernel`)."""
+    vector_path = dim % 16 == 0 and features + 1 <= dot_interaction.MAX_VECTORS
+    return _model_kernel(kernel, device, vector_path, dot_interaction.library, "the dot interaction runs")
 
 
 def mlp_kernel(kernel: str, device: torch.device, precision: str) -> str:
     """`model.kernel` resolved for the MLPs' ReLU layers: `native` (their backward's mask and bias
     sum in our C kernel, dlrm/kernels/linear_relu.py) or `torch` (torchrec's Perceptron as is).
     auto = native on CPU in fp32 where it builds; torch under bf16 (measured no faster there) and
-    on CUDA. Raises ConfigError as `interaction_kernel` does."""
-    if kernel not in KERNELS:
-        raise ConfigError(f"model.kernel={kernel!r}: choose one of {list(KERNELS)}")
-    if kernel == "torch" or (kernel == "auto" and (device.type != "cpu" or precision != "fp32")):
-        return "torch"
-    if device.type != "cpu":
-        raise ConfigError(f"model.kernel=native runs on CPU, not {device.type}: use auto or torch")
-    return "native" if loads(linear_relu.library, "model.kernel", kernel, "the MLPs' ReLU backward runs") else "torch"
+    on CUDA. Raises ConfigError (`_model_kernel`)."""
+    return _model_kernel(kernel, device, precision == "fp32", linear_relu.library, "the MLPs' ReLU backward runs")
 
 
 class _PairwiseDots(torch.autograd.Function):
