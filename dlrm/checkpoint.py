@@ -219,7 +219,8 @@ def check_config(saved: dict, current: dict, path: Path) -> None:
                 node["tt"] = {k: v for k, v in node["tt"].items() if k != "kernel"}
             return node
         if key == "model" and isinstance(node, dict):
-            # model.kernel: the interaction's C kernel or PyTorch ops compute the same function
+            # model.kernel: the C kernels or PyTorch ops (interaction, MLP ReLUs) compute the same
+            # function with the same parameters
             return {k: v for k, v in node.items() if k != "kernel"}
         if key == "optim" and isinstance(node, dict) and isinstance(node.get("sparse"), dict):
             if kernel_recorded:

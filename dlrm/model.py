@@ -79,8 +79,10 @@ def mlp_kernel(kernel: str, device: torch.device, precision: str) -> str:
     """`model.kernel` resolved for the MLPs' ReLU layers: `native` (their backward's mask and bias
     sum in our C kernel, dlrm/kernels/linear_relu.py) or `torch` (torchrec's Perceptron as is).
     auto = native on CPU in fp32 where it builds; torch under bf16 (measured no faster there) and
-    on CUDA. Raises ConfigError (`_model_kernel`)."""
-    return _model_kernel(kernel, device, precision == "fp32", linear_relu.library, "the MLPs' ReLU backward runs")
+    on CUDA; torch under fp16 whatever is asked (the kernel takes fp32 and bf16: FusedPerceptron
+    would run torchrec's ops). Raises ConfigError (`_model_kernel`)."""
+    resolved = _model_kernel(kernel, device, precision == "fp32", linear_relu.library, "the MLPs' ReLU backward runs")
+    return resolved if precision in ("fp32", "bf16") else "torch"
 
 
 class _PairwiseDots(torch.autograd.Function):

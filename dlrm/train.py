@@ -225,7 +225,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "peak_rss_bytes": tele.peak_rss_bytes,
         "compressed_tables": n_compressed,
         "huge_pages": huge_pages,  # an environment setting (DLRM_HUGE_PAGES), not in the config
-        # what auto resolved to (C kernels or PyTorch ops): the step time depends on it
+        # what auto resolved to (precision; C kernels or PyTorch ops): the step time depends on it
+        "precision": precision,
         "table_kernel": "fbgemm (torchrec, sharded)" if env.distributed else kernel,
         **({"interaction_kernel": interaction, "mlp_kernel": mlp} if interaction else {}),
         "wall_s": time.time() - t_start,

@@ -99,6 +99,7 @@ def test_model_kernel_choice_for_the_mlps_and_its_errors():
     assert mlp_kernel("auto", CPU, "bf16") == "torch"  # measured no faster under bf16
     assert mlp_kernel("native", CPU, "bf16") == "native"
     assert mlp_kernel("torch", CPU, "fp32") == "torch" and mlp_kernel("auto", cuda, "fp32") == "torch"
+    assert mlp_kernel("native", CPU, "fp16") == "torch"  # fp16 autocast: FusedPerceptron would run torch's ops
     with pytest.raises(ConfigError, match=r"^model.kernel='fast': choose one of \['auto', 'native', 'torch'\]$"):
         mlp_kernel("fast", CPU, "fp32")
     with pytest.raises(ConfigError, match=r"^model.kernel=native runs on CPU, not cuda"):

@@ -64,6 +64,7 @@ def test_results_record_whether_the_rows_sat_on_huge_pages(compose_cfg, tiny_dat
     assert native["huge_pages"] is False
     # what auto resolved to (in fp32 the MLPs' ReLU backward runs in C too)
     assert native["table_kernel"] == native["interaction_kernel"] == native["mlp_kernel"] == "native"
+    assert native["precision"] == "fp32"
     assert (
         "table kernel native (optim.sparse.kernel=auto), interaction kernel native, MLP ReLU kernel native "
         "(model.kernel=auto), data" in caplog.text

@@ -172,10 +172,24 @@ def test_build_is_cached(fresh_build):
     tt_native.library()
     built = list((fresh_build / "cache" / "dlrm" / "kernels").glob("tt_chain-*.so"))
     assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
+    inode = built[0].stat().st_ino  # a rebuild would replace the file (a new inode)
     tt_native.library.cache_clear()
     tt_native.library()  # loads the cached file, no rebuild
-    assert built[0].stat().st_mtime_ns == stamp
+    assert built[0].stat().st_ino == inode
+
+
+def test_a_build_that_cannot_be_loaded_is_a_kernel_error(fresh_build, monkeypatch):
+    """E.g. pruned by another version's build between the check and the load: auto then falls back
+    (one warning), native fails in one line, as for a failed build."""
+    tt_native.library()
+    tt_native.library.cache_clear()
+
+    def gone(path):
+        raise OSError(f"{path}: cannot open shared object file")
+
+    monkeypatch.setattr(build.ctypes, "CDLL", gone)
+    with pytest.raises(NativeKernelError, match=r"^cannot load .*tt_chain-[0-9a-f]+\.so: .*cannot open shared object"):
+        tt_native.library()
 
 
 def test_a_new_build_prunes_all_but_the_newest_builds_of_its_source(fresh_build):

@@ -2,7 +2,7 @@
 
 Each source is compiled with `$CC` (default `cc`) and `-O3 -march=native -fopenmp` into
 `~/.cache/dlrm/kernels` (`$XDG_CACHE_HOME` respected), keyed by the source, the flags and the CPU's
-flags (the newest KEEP_BUILDS builds of each source kept), and loaded with ctypes: no Python or torch headers, under a second to build. `-fopenmp`
+flags (the KEEP_BUILDS most recently used builds of each source kept), and loaded with ctypes: no Python or torch headers, under a second to build. `-fopenmp`
 binds the kernels to the libgomp torch already loaded (same soname), so their parallel loops run
 on torch's own OpenMP workers (docs/benchmarks.md, "TT's C kernels": pthreads fought torch's
 spinning worker). Users: tt_native.py (TT's chain products), table_native.py (batched tables),
@@ -87,7 +87,14 @@ def load(source: Path, signatures: dict[str, tuple[list, object]]) -> ctypes.CDL
         except OSError as e:  # an unwritable cache dir, or the compiler could not be started
             raise NativeKernelError(f"cannot build {source.name} into {path.parent}: {e}") from e
         _prune(source.stem, path.parent)
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # e.g. another version's build pruned it a moment ago: it rebuilds next time
+        raise NativeKernelError(f"cannot load {path}: {e}") from e
+    try:
+        os.utime(path)  # a loaded build is a recent one: `_prune` keeps the most recently used
+    except OSError:  # a read-only cache: nothing to prune there either
+        pass
     for name, (args, result) in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result
@@ -95,9 +102,10 @@ def load(source: Path, signatures: dict[str, tuple[list, object]]) -> ctypes.CDL
 
 
 def _prune(stem: str, cache: Path) -> None:
-    """Delete all but the KEEP_BUILDS newest builds of `stem` (every edit of a source, every
-    upgrade, is a new key: without this the cache grew by a build each time). A process that has
-    a deleted build loaded keeps it (unlinked files stay mapped); one that wants it rebuilds it."""
+    """Delete all but the KEEP_BUILDS most recently built or loaded builds of `stem` (every edit of
+    a source, every upgrade, is a new key: without this the cache grew by a build each time). A
+    process that has a deleted build loaded keeps it (unlinked files stay mapped); one that wants
+    it rebuilds it (under a second)."""
     builds = []
     for p in cache.glob(f"{stem}-*.so"):
         try:
