@@ -5,8 +5,9 @@ Each source is compiled with `$CC` (default `cc`) and `-O3 -march=native -fopenm
 flags (the KEEP_BUILDS most recently used builds of each source kept), and loaded with ctypes: no
 Python or torch headers, under a second to build. `-fopenmp` binds the kernels to the libgomp
 torch already loaded (same soname), so their parallel loops run on torch's own OpenMP workers
-(docs/benchmarks.md, "TT's C kernels": pthreads fought torch's spinning worker). Users: tt_native.py (TT's chain products), table_native.py (batched tables),
-dot_interaction.py (the dot interaction), linear_relu.py (the MLPs' ReLU backward).
+(docs/benchmarks.md, "TT's C kernels": pthreads fought torch's spinning worker). Users:
+tt_native.py (TT's chain products), table_native.py (batched tables), dot_interaction.py (the dot
+interaction), linear_relu.py (the MLPs' ReLU backward).
 """
 
 from __future__ import annotations
